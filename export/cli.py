@@ -87,7 +87,8 @@ def _export(args: argparse.Namespace) -> int:
     options = ExportOptions(name=args.name, opset=args.opset, mass=args.mass, budget=args.budget,
                             max_accuracy_drop=args.max_accuracy_drop, calibration_size=args.calibration_size)
     manifest = export_model(args.checkpoint, args.out, options)
-    print(json.dumps({k: manifest[k] for k in ("name", "split", "exit_threshold", "calibration")}, indent=2))
+    print(json.dumps({"model_dir": str(args.out), "exit_threshold": manifest["exit"]["threshold"],
+                      **manifest["calibration"]}, indent=2))
     return 0
 
 
