@@ -1,0 +1,34 @@
+"""Shared fixtures: real model folders made by the real export pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "checkpoints" / "vit-cluttered-mnist.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A small random-weight ViT (dim 32, 3 blocks, split after 1) exported with the real pipeline."""
+    torch = pytest.importorskip("torch")
+    from splitinfer.export.model import SplitViT, ViTConfig
+    from splitinfer.export.pipeline import ExportOptions, export_split_model
+
+    torch.manual_seed(0)
+    model = SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1)).eval()
+    out = tmp_path_factory.mktemp("tiny_model")
+    export_split_model(model, out, ExportOptions(name="tiny", calibration_size=40, budget=8))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory) -> Path:
+    """The committed checkpoint, exported (what the demo deploys)."""
+    pytest.importorskip("torch")
+    from splitinfer.export.pipeline import ExportOptions, export_model
+
+    out = tmp_path_factory.mktemp("trained_model")
+    export_model(CHECKPOINT, out, ExportOptions(calibration_size=200))
+    return out

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from splitinfer.export.data import ClutterConfig, DigitSplits, load_mnist_digits, make_canvases, make_split, split_digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_mnist_digits()
+
+
+def test_real_digits_load(digits):
+    images, labels = digits
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [500] * 10
+    assert images.max() == 255 and images.mean() > 20  # real strokes, not zeros
+
+
+def test_splits_are_disjoint_and_balanced(digits):
+    splits = split_digits(*digits)
+    flat = {name: {img.tobytes() for img in imgs} for name, (imgs, _) in splits.items()}
+    assert not flat["train"] & flat["test"] and not flat["train"] & flat["calibration"]
+    assert not flat["calibration"] & flat["test"]
+    for name, n in [("train", 350), ("calibration", 50), ("test", 100)]:
+        assert np.bincount(splits[name][1]).tolist() == [n] * 10
+
+
+def test_canvases_are_deterministic_and_contain_the_digit(digits):
+    imgs, labels = split_digits(*digits)["test"]
+    a, ya = make_canvases(imgs, labels, 50, seed=7)
+    b, yb = make_canvases(imgs, labels, 50, seed=7)
+    c, _ = make_canvases(imgs, labels, 50, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_array_equal(ya, labels[:50])
+    clean, _ = make_canvases(imgs, labels, 50, ClutterConfig(fragments=0), seed=7)
+    for canvas, digit in zip(clean, imgs[:50]):  # without clutter the canvas is the digit, placed
+        assert canvas.sum() == digit.astype(np.int64).sum()
+    assert (a > 0).mean() > (clean > 0).mean()  # clutter adds strokes
+
+
+def test_make_split_sizes():
+    x, y = make_split("calibration")
+    assert x.shape == (1000, 64, 64) and len(y) == 1000
+    with pytest.raises(ValueError, match="split"):
+        make_split("validation")
+    with pytest.raises(ValueError, match="fragment_size"):
+        ClutterConfig(fragment_size=0)
+    with pytest.raises(ValueError, match="train"):
+        DigitSplits(train=0)

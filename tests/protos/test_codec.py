@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import zstandard
+
+from splitinfer.protos import CodecConfig, InvalidPacket, PacketLimits, decode_tokens, encode_tokens
+from splitinfer.protos import splitinfer_pb2 as pb
+from splitinfer.protos.codec import dequantize_int8, quantize_int8
+
+DIM, FULL = 48, 65
+LIMITS = PacketLimits(dim=DIM, max_position=FULL)
+
+
+def _tokens(k=9, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = (rng.normal(size=(k, DIM)) * rng.uniform(0.1, 10, size=(k, 1))).astype(np.float32)
+    positions = np.r_[0, np.sort(rng.choice(np.arange(1, FULL), k - 1, replace=False))]
+    return tokens, positions
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("encoding", ["fp32", "fp16", "int8"])
+def test_round_trip_every_encoding(encoding, compression):
+    tokens, positions = _tokens()
+    packet = encode_tokens(tokens, positions, CodecConfig(encoding, compression))
+    wire = pb.TokenPacket.FromString(packet.SerializeToString())
+    decoded, pos = decode_tokens(wire, LIMITS)
+    assert decoded.dtype == np.float32 and decoded.shape == tokens.shape
+    np.testing.assert_array_equal(pos, positions)
+    amax = np.abs(tokens).max(axis=1, keepdims=True)
+    err = np.abs(decoded - tokens)
+    if encoding == "fp32":
+        assert err.max() == 0
+    elif encoding == "fp16":
+        assert np.all(err <= np.abs(tokens) * 2**-10 + 1e-7)
+    else:  # half a quantization step per token
+        assert np.all(err <= amax / 127 / 2 * (1 + 1e-5))
+
+
+def test_int8_zero_token_and_sizes():
+    tokens = np.zeros((2, DIM), np.float32)
+    q, s = quantize_int8(tokens)
+    assert np.all(q == 0) and np.all(s == 1)
+    np.testing.assert_array_equal(dequantize_int8(q, s), tokens)
+    t, p = _tokens(k=17)
+    fp32 = encode_tokens(t, p, CodecConfig("fp32", "none")).ByteSize()
+    int8 = encode_tokens(t, p, CodecConfig("int8", "none")).ByteSize()
+    assert int8 < fp32 / 3.5
+
+
+def test_encode_rejects_bad_input():
+    t, p = _tokens()
+    with pytest.raises(ValueError, match="positions"):
+        encode_tokens(t, p[:-1])
+    t[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        encode_tokens(t, p)
+    with pytest.raises(ValueError, match="encoding"):
+        CodecConfig(encoding="int3")
+
+
+def _mutate(field, value, base=None):
+    packet = base or encode_tokens(*_tokens(), CodecConfig("int8", "none"))
+    packet = pb.TokenPacket.FromString(packet.SerializeToString())
+    if field == "positions":
+        del packet.positions[:]
+        packet.positions.extend(value)
+    else:
+        setattr(packet, field, value)
+    return packet
+
+
+BAD = {
+    "unknown encoding": lambda: _mutate("encoding", 9),
+    "unspecified encoding": lambda: _mutate("encoding", 0),
+    "unknown compression": lambda: _mutate("compression", 7),
+    "zero tokens": lambda: _mutate("num_tokens", 0),
+    "too many tokens": lambda: _mutate("num_tokens", FULL + 1),
+    "wrong dim": lambda: _mutate("dim", DIM + 1),
+    "positions count": lambda: _mutate("positions", [0, 1, 2]),
+    "duplicate positions": lambda: _mutate("positions", [0, 1, 1, 2, 3, 4, 5, 6, 7]),
+    "unsorted positions": lambda: _mutate("positions", [0, 2, 1, 3, 4, 5, 6, 7, 8]),
+    "position out of range": lambda: _mutate("positions", [0, 1, 2, 3, 4, 5, 6, 7, FULL]),
+    "missing CLS": lambda: _mutate("positions", [1, 2, 3, 4, 5, 6, 7, 8, 9]),
+    "uncompressed size": lambda: _mutate("uncompressed_size", 5),
+    "payload length": lambda: _mutate("payload", b"\x00" * 10),
+    "scales length": lambda: _mutate("scales", b"\x00" * 3),
+    "negative scale": lambda: _mutate("scales", np.full(9, -1, "<f4").tobytes()),
+    "garbage zstd": lambda: _mutate("compression", pb.COMPRESSION_ZSTD),
+    "zstd bomb": lambda: _mutate("payload", zstandard.ZstdCompressor().compress(b"\x00" * (1 << 22)),
+                                  base=encode_tokens(*_tokens(), CodecConfig("int8", "zstd"))),
+    "zstd short": lambda: _mutate("payload", zstandard.ZstdCompressor().compress(b"\x00" * 10),
+                                   base=encode_tokens(*_tokens(), CodecConfig("int8", "zstd"))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_malformed_packets_raise_invalid_packet(kind):
+    with pytest.raises(InvalidPacket):
+        decode_tokens(BAD[kind](), LIMITS)
+
+
+def test_nan_in_fp32_payload_rejected():
+    t, p = _tokens()
+    packet = encode_tokens(t, p, CodecConfig("fp32", "none"))
+    raw = np.frombuffer(packet.payload, "<f4").copy()
+    raw[3] = np.inf
+    packet.payload = raw.tobytes()
+    with pytest.raises(InvalidPacket, match="NaN or inf"):
+        decode_tokens(packet, LIMITS)
+
+
+def test_decompressed_size_capped():
+    t, p = _tokens(k=17)
+    packet = encode_tokens(t, p, CodecConfig("fp32", "zstd"))
+    with pytest.raises(InvalidPacket, match="exceeds the limit"):
+        decode_tokens(packet, PacketLimits(dim=DIM, max_position=FULL, max_decompressed_bytes=1000))
