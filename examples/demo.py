@@ -48,11 +48,12 @@ def run_full_model_locally(manifest, images: np.ndarray, threads: int) -> tuple[
 
     Returns final-head predictions (n,), per-input latency in ms (n,), exit-head predictions (n,).
     """
-    from splitinfer.edge.preprocess import preprocess
-    from splitinfer.edge.session import DeviceSession
     import onnxruntime as ort
 
-    device = DeviceSession(manifest, threads=threads)
+    from splitinfer.edge.preprocess import preprocess
+    from splitinfer.edge.session import DeviceSession, SessionOptions
+
+    device = DeviceSession.from_manifest(manifest, SessionOptions(intra_op_threads=threads))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -75,7 +76,7 @@ def fp32_all_tokens_bytes(manifest, image: np.ndarray) -> int:
     from splitinfer.protos import CodecConfig, encode_tokens
     from splitinfer.protos import splitinfer_pb2 as pb
 
-    _, tokens, _ = DeviceSession(manifest).run(preprocess(image, manifest.preprocessing))
+    _, tokens, _ = DeviceSession.from_manifest(manifest).run(preprocess(image, manifest.preprocessing))
     packet = encode_tokens(tokens[0], np.arange(tokens.shape[1]), CodecConfig("fp32", "none"))
     request = pb.InferRequest(model=manifest.name, manifest_sha256=manifest.sha256, request_id="0" * 32, packet=packet)
     return request.ByteSize()
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from splitinfer.edge.runner import EdgeRunner
-    from splitinfer.edge.session import DeviceSession
+    from splitinfer.edge.session import DeviceSession, SessionOptions
     from splitinfer.edge.transport import GrpcTransport
     from splitinfer.export.data import make_split
     from splitinfer.export.pipeline import ExportOptions, export_model
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     proc, address = start_server(args.model_dir, args.threads)
     log.info("server on %s (pid %d)", address, proc.pid)
     try:
-        session = DeviceSession(manifest, threads=args.threads)
+        session = DeviceSession.from_manifest(manifest, SessionOptions(intra_op_threads=args.threads))
         with GrpcTransport(address, timeout_s=args.timeout_ms / 1e3) as transport:
             runner = EdgeRunner(session, transport, manifest)
             runner.classify(images[0])  # warm-up: channel connect, first ORT runs
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_model_local_ms_p50": p50(full_ms),
         "end_to_end_ms_p50": p50([r.latency_ms for r in results]),
         "end_to_end_offload_ms_p50": p50([r.latency_ms for r, o in zip(results, offloaded) if o]),
-        "server_compute_ms_p50": p50([r.server_ms for r, o in zip(results, offloaded) if o and r.server_ms is not None]),
+        "server_round_trip_ms_p50": p50([r.server_ms for r, o in zip(results, offloaded) if o and r.server_ms is not None]),
         "after_server_stop": {"n": len(after_stop),
                               "degraded_or_device": sum(r.decided_on in ("degraded", "device") for r in after_stop),
                               "answered": sum(r.label is not None for r in after_stop)},
