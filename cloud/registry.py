@@ -1,0 +1,188 @@
+"""The models a server holds: one manifest and one ONNX Runtime session for the server half each.
+
+A :class:`ModelRegistry` maps manifest names to :class:`LoadedModel` objects and refuses a request
+whose manifest sha256 differs from the served folder's, so the device half and the server half of
+a request always come from the same export.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from splitinfer.protos import (
+    Manifest,
+    ManifestError,
+    ManifestMismatch,
+    ModelNotFound,
+    PacketLimits,
+    load_manifest,
+)
+
+__all__ = ["RuntimeConfig", "LoadedModel", "load_model", "ModelRegistry"]
+
+logger = logging.getLogger(__name__)
+
+_TOKENS_INPUT = "tokens"
+_MASK_INPUT = "mask"
+_LOGITS_OUTPUT = "logits"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How each server-half session runs. ``intra_op_threads`` 0 lets ONNX Runtime choose."""
+
+    intra_op_threads: int = 1
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int):
+            raise ValueError(f"intra_op_threads must be an int, got {self.intra_op_threads!r}")
+        if self.intra_op_threads < 0:
+            raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+        if not self.providers:
+            raise ValueError("providers must name at least one execution provider")
+
+    def session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3  # errors only
+        return options
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A served model: its manifest, the server-half session and the packet limits it accepts."""
+
+    manifest: Manifest
+    session: ort.InferenceSession = field(repr=False)
+    packet_limits: PacketLimits
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest.classes)
+
+    def run(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Run the server half.
+
+        tokens: float32 (B, T, d), CLS at index 0 of each row. mask: bool (B, T), True = real token.
+        Returns logits float32 (B, K). Thread-safe: ONNX Runtime sessions allow concurrent ``run``.
+        """
+        (logits,) = self.session.run([_LOGITS_OUTPUT], {_TOKENS_INPUT: tokens, _MASK_INPUT: mask})
+        return logits
+
+
+def _check_signature(session: ort.InferenceSession, manifest: Manifest) -> None:
+    """Raise ManifestError when server.onnx does not take (tokens, mask) and give logits of the manifest's sizes."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    where = manifest.server_path
+    if set(inputs) != {_TOKENS_INPUT, _MASK_INPUT}:
+        raise ManifestError(f"{where}: inputs must be {_TOKENS_INPUT!r} and {_MASK_INPUT!r}, got {sorted(inputs)}")
+    if _LOGITS_OUTPUT not in outputs:
+        raise ManifestError(f"{where}: no {_LOGITS_OUTPUT!r} output (outputs: {sorted(outputs)})")
+    dim = inputs[_TOKENS_INPUT].shape[-1]
+    if isinstance(dim, int) and dim != manifest.dim:
+        raise ManifestError(f"{where}: tokens have dim {dim}, the manifest says {manifest.dim}")
+    classes = outputs[_LOGITS_OUTPUT].shape[-1]
+    if isinstance(classes, int) and classes != len(manifest.classes):
+        raise ManifestError(f"{where}: logits have {classes} classes, the manifest lists {len(manifest.classes)}")
+
+
+def load_model(folder: str | Path, config: RuntimeConfig = RuntimeConfig()) -> LoadedModel:
+    """Load ``folder`` (manifest + server.onnx, sha256 verified) and check the half runs once.
+
+    Raises ManifestError when the folder, its manifest or its server half is unusable.
+    """
+    manifest = load_manifest(Path(folder), verify_files=True, need=("server",))
+    try:
+        session = ort.InferenceSession(
+            str(manifest.server_path), sess_options=config.session_options(), providers=list(config.providers)
+        )
+    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
+        raise ManifestError(f"{manifest.server_path}: ONNX Runtime cannot load it: {exc}") from exc
+    _check_signature(session, manifest)
+    model = LoadedModel(
+        manifest=manifest,
+        session=session,
+        packet_limits=PacketLimits(dim=manifest.dim, max_position=manifest.num_tokens),
+    )
+    # A CLS-only warm-up: catches graphs that load but do not run, and takes first-call costs now.
+    try:
+        logits = model.run(np.zeros((1, 1, manifest.dim), np.float32), np.ones((1, 1), np.bool_))
+    except Exception as exc:
+        raise ManifestError(f"{manifest.server_path}: the server half fails on a CLS-only input: {exc}") from exc
+    if logits.shape != (1, model.num_classes):
+        raise ManifestError(
+            f"{manifest.server_path}: logits have shape {logits.shape}, expected (1, {model.num_classes})"
+        )
+    logger.info("loaded model %s version %s from %s", manifest.name, manifest.version, manifest.folder)
+    return model
+
+
+class ModelRegistry:
+    """Served models keyed by manifest name; ``get`` checks the edge's manifest sha256."""
+
+    def __init__(self, models: Iterable[LoadedModel]) -> None:
+        by_name: dict[str, LoadedModel] = {}
+        for model in models:
+            if model.name in by_name:
+                raise ValueError(
+                    f"model name {model.name!r} is served from two folders: "
+                    f"{by_name[model.name].manifest.folder} and {model.manifest.folder}; "
+                    "give each model folder a distinct manifest name"
+                )
+            by_name[model.name] = model
+        if not by_name:
+            raise ValueError("a ModelRegistry needs at least one model")
+        self._models = dict(sorted(by_name.items()))
+
+    @classmethod
+    def from_folders(cls, folders: Iterable[str | Path], config: RuntimeConfig = RuntimeConfig()) -> ModelRegistry:
+        """Load every folder with :func:`load_model`; ManifestError or ValueError on a bad set."""
+        return cls(load_model(folder, config) for folder in folders)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Served model names, sorted."""
+        return tuple(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __iter__(self) -> Iterator[LoadedModel]:
+        return iter(self._models.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._models
+
+    def get(self, name: str, manifest_sha256: str) -> LoadedModel:
+        """The model ``name`` if the edge's manifest sha256 matches the served one.
+
+        Raises ModelNotFound (unknown name) or ManifestMismatch (a different export of that name).
+        """
+        model = self._models.get(name)
+        if model is None:
+            raise ModelNotFound(f"model {name!r} is not served here; served models: {', '.join(self.names)}")
+        served = model.manifest.sha256
+        if manifest_sha256.strip().lower() != served:
+            sent = manifest_sha256[:64] or "<empty>"
+            raise ManifestMismatch(
+                f"the edge's manifest for model {name!r} (sha256 {sent}) differs from the served version "
+                f"{model.version} (sha256 {served}); deploy the same model folder on the edge and the server"
+            )
+        return model

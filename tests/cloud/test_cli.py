@@ -1,0 +1,99 @@
+"""splitinfer-serve in a subprocess: the listening line, a real call, graceful SIGTERM; no torch."""
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from splitinfer.cloud.cli import main
+from splitinfer.protos import splitinfer_pb2_grpc
+
+from .conftest import RPC_TIMEOUT_S, copy_model
+
+LISTENING = re.compile(r"^splitinfer-serve: listening on (\S+):(\d+)$")
+STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+def _serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "splitinfer.cloud.cli", *args]
+
+
+def _read_until_listening(proc: subprocess.Popen, timeout: float) -> tuple[list[str], str, int]:
+    """Lines printed before the listening line, and the (host, port) it names."""
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        line = proc.stdout.readline().decode()
+        if not line:
+            break
+        match = LISTENING.match(line.rstrip("\n"))
+        if match:
+            return lines, match.group(1), int(match.group(2))
+        lines.append(line)
+    proc.kill()
+    _, err = proc.communicate()
+    pytest.fail(f"no listening line within {timeout} s; stdout {lines!r}; stderr:\n{err.decode()}")
+
+
+def test_serve_answer_and_stop_on_sigterm(tiny_model_dir: Path, make_request, tiny_manifest) -> None:
+    proc = subprocess.Popen(_serve_command("--model", str(tiny_model_dir), "--port", "0", "--grace-s", "2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    try:
+        before, host, port = _read_until_listening(proc, STARTUP_TIMEOUT_S)
+        assert host == "127.0.0.1" and port > 0
+        assert any(f"model {tiny_manifest.name} version {tiny_manifest.version}" in line for line in before)
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            response = splitinfer_pb2_grpc.SplitInferenceStub(channel).Infer(make_request(), timeout=RPC_TIMEOUT_S)
+        assert sum(response.probabilities) == pytest.approx(1.0, abs=1e-5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=STOP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert b"listening on" not in out  # printed exactly once, already read
+    assert b"Traceback" not in err
+
+
+@pytest.mark.parametrize("problem", ["not_a_model_folder", "tampered_server_half", "duplicate_names"])
+def test_bad_model_folder_exits_2_without_traceback(tiny_model_dir: Path, tmp_path: Path, problem: str) -> None:
+    if problem == "not_a_model_folder":
+        args = ["--model", str(tmp_path)]
+    elif problem == "tampered_server_half":
+        folder = copy_model(tiny_model_dir, tmp_path / "tampered")
+        (folder / "server.onnx").write_bytes(b"garbage")
+        args = ["--model", str(folder)]
+    else:
+        args = ["--model", str(tiny_model_dir), "--model", str(copy_model(tiny_model_dir, tmp_path / "twin"))]
+    result = subprocess.run(_serve_command(*args, "--port", "0"), capture_output=True, timeout=STARTUP_TIMEOUT_S)
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert b"splitinfer-serve: error: " in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_bad_settings_exit_2(tiny_model_dir: Path, capsys) -> None:
+    assert main(["--model", str(tiny_model_dir), "--port", "70000"]) == 2
+    assert "port must be in [0, 65535]" in capsys.readouterr().err
+    assert main([]) == 2  # --model is required
+
+
+def test_import_loads_no_torch() -> None:
+    code = ("import sys, splitinfer.cloud, splitinfer.cloud.cli; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "[]"
