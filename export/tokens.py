@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["select_tokens_mask", "keep_top_k_mask", "fake_quantize_int8", "with_cls"]
+__all__ = ["select_tokens_mask", "keep_top_k_mask", "fake_quantize", "fake_quantize_int8", "with_cls"]
 
-INT8_MAX = 127.0
+QMAX = {8: 127.0, 4: 7.0}
 
 
 def keep_top_k_mask(importance: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -38,12 +38,26 @@ def with_cls(patch_mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.ones_like(patch_mask[:, :1]), patch_mask], dim=1)
 
 
-def fake_quantize_int8(tokens: torch.Tensor) -> torch.Tensor:
-    """tokens (..., d) float32 -> the same values after an int8 round trip with one scale per token.
+def fake_quantize(tokens: torch.Tensor, bits: int = 8, group_size: int = 0, scale_dtype: str = "fp32") -> torch.Tensor:
+    """tokens (..., d) float32 -> the same values after the codec's int8/int4 round trip.
 
-    scale = max|x| / 127 (1 for an all-zero token); q = round-half-even(x / scale), in [-127, 127].
+    Mirrors ``splitinfer.protos.codec.quantize``: scale = max|x| / qmax per token or per group of
+    ``group_size`` values (rounded to float16 when ``scale_dtype`` is "fp16"; 1 where it is 0),
+    q = round-half-even(x / scale) clipped to [-qmax, qmax].
     """
-    amax = tokens.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    q = torch.round(tokens / scale).clamp(-INT8_MAX, INT8_MAX)
-    return q * scale
+    qmax = QMAX[bits]
+    shape = tokens.shape
+    d = shape[-1]
+    g = 1 if group_size == 0 else d // group_size
+    grouped = tokens.reshape(*shape[:-1], g, d // g)
+    scale = grouped.abs().amax(dim=-1, keepdim=True) / qmax
+    if scale_dtype == "fp16":
+        scale = scale.half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(grouped / scale).clamp(-qmax, qmax)
+    return (q * scale).reshape(shape)
+
+
+def fake_quantize_int8(tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (..., d) float32 -> the int8 per-token (float32 scale) round trip."""
+    return fake_quantize(tokens, 8)

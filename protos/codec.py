@@ -1,4 +1,9 @@
-"""Token codec: float32 tokens <-> ``TokenPacket`` (fp32 / fp16 / int8 per-token scale, optional zstd).
+"""Token codec: float32 tokens <-> ``TokenPacket``.
+
+Encodings: fp32, fp16, int8 and int4 (packed two per byte), the integer ones symmetric with one
+scale per token or per group of values, scales stored as float32 or float16. Compression: none,
+zstd, zstd with a dictionary trained at export time, or "auto" (zstd only where it makes the
+packet smaller).
 
 Pure numpy. Every decode validates before it allocates: the declared sizes must agree with each
 other and with the caller's limits before any buffer is decompressed or converted, and zstd output
@@ -15,23 +20,34 @@ import zstandard
 from . import splitinfer_pb2 as pb
 from .errors import InvalidPacket
 
-__all__ = ["CodecConfig", "PacketLimits", "ENCODINGS", "COMPRESSIONS", "encode_tokens", "decode_tokens",
-           "quantize_int8", "dequantize_int8"]
+__all__ = ["CodecConfig", "PacketLimits", "ENCODINGS", "COMPRESSIONS", "SCALE_DTYPES", "encode_tokens",
+           "decode_tokens", "quantize", "dequantize", "quantize_int8", "dequantize_int8", "pack_int4",
+           "unpack_int4", "raw_payload_bytes"]
 
-ENCODINGS = {"fp32": pb.ENCODING_FP32, "fp16": pb.ENCODING_FP16, "int8": pb.ENCODING_INT8}
-COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_ZSTD}
-_VALUE_BYTES = {pb.ENCODING_FP32: 4, pb.ENCODING_FP16: 2, pb.ENCODING_INT8: 1}
+ENCODINGS = {"fp32": pb.ENCODING_FP32, "fp16": pb.ENCODING_FP16, "int8": pb.ENCODING_INT8, "int4": pb.ENCODING_INT4}
+COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "zstd": pb.COMPRESSION_ZSTD, "auto": None}
+SCALE_DTYPES = {"fp32": pb.ENCODING_FP32, "fp16": pb.ENCODING_FP16}
+_BITS = {pb.ENCODING_FP32: 32, pb.ENCODING_FP16: 16, pb.ENCODING_INT8: 8, pb.ENCODING_INT4: 4}
 _DTYPES = {pb.ENCODING_FP32: np.dtype("<f4"), pb.ENCODING_FP16: np.dtype("<f2"), pb.ENCODING_INT8: np.dtype("i1")}
-INT8_MAX = 127.0
+QMAX = {8: 127.0, 4: 7.0}
+INT8_MAX = QMAX[8]
 
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """How the edge encodes tokens: ``encoding`` in fp32/fp16/int8, ``compression`` in none/zstd."""
+    """How the edge encodes tokens.
+
+    encoding: fp32 | fp16 | int8 | int4. compression: none | zstd | auto (zstd, kept only when it
+    makes the payload smaller; with a dictionary when one is given to ``encode_tokens``).
+    group_size: for int8/int4, values per scale along the token dimension (0 = one per token).
+    scale_dtype: fp32 | fp16, how int8/int4 scales are stored.
+    """
 
     encoding: str = "int8"
     compression: str = "zstd"
     zstd_level: int = 3
+    group_size: int = 0
+    scale_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
@@ -40,6 +56,14 @@ class CodecConfig:
             raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, got {self.compression!r}")
         if not 1 <= self.zstd_level <= 22:
             raise ValueError(f"zstd_level must be in [1, 22], got {self.zstd_level}")
+        if self.group_size < 0:
+            raise ValueError(f"group_size must be >= 0, got {self.group_size}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+
+    @property
+    def bits(self) -> int:
+        return _BITS[ENCODINGS[self.encoding]]
 
 
 @dataclass(frozen=True)
@@ -51,28 +75,94 @@ class PacketLimits:
     max_tokens: int | None = None  # default: max_position
     require_cls: bool = True  # position 0 (CLS) must be present
     max_decompressed_bytes: int = 16 * 1024 * 1024
+    zstd_dictionary: "bytes | zstandard.ZstdCompressionDict | None" = None  # for COMPRESSION_ZSTD_DICT
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.max_position < 1:
             raise ValueError(f"dim and max_position must be >= 1, got {self.dim}, {self.max_position}")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= self.max_position:
+            raise ValueError(f"max_tokens must be in [1, max_position={self.max_position}], got {self.max_tokens}")
+        if self.max_decompressed_bytes < 1:
+            raise ValueError(f"max_decompressed_bytes must be >= 1, got {self.max_decompressed_bytes}")
+
+
+def _groups(dim: int, group_size: int) -> int:
+    if group_size == 0:
+        return 1
+    if dim % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the token dimension {dim}")
+    return dim // group_size
+
+
+def quantize(tokens: np.ndarray, bits: int = 8, group_size: int = 0, scale_dtype: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric quantization. tokens float32 (K, d) -> (q int8 (K, d) in [-qmax, qmax], scales (K, G)).
+
+    qmax is 127 (8 bits) or 7 (4 bits); G = d / group_size groups (1 when group_size is 0);
+    scale = max|x| / qmax per group, rounded to ``scale_dtype`` (float32 or float16) and stored as
+    float32; a group whose scale is 0 (all zero, or underflowing float16) gets scale 1 and q = 0.
+    q = round-half-even(x / scale), clipped. ``splitinfer.export.tokens.fake_quantize`` mirrors it.
+    """
+    tokens = np.asarray(tokens, dtype=np.float32)
+    k, d = tokens.shape
+    g = _groups(d, group_size)
+    qmax = np.float32(QMAX[bits])
+    grouped = tokens.reshape(k, g, d // g)
+    scale = np.abs(grouped).max(axis=-1) / qmax  # (K, G)
+    if scale_dtype == "fp16":
+        with np.errstate(over="ignore"):
+            scale = scale.astype(np.float16)
+        if not np.all(np.isfinite(scale)):
+            raise ValueError("token values too large for float16 scales; use scale_dtype='fp32'")
+        scale = scale.astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    q = np.clip(np.rint(grouped / scale[:, :, None]), -qmax, qmax).astype(np.int8)
+    return q.reshape(k, d), scale
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """q int8 (K, d), scales float32 (K, G) -> float32 (K, d)."""
+    k, d = q.shape
+    g = scales.shape[1]
+    return (q.reshape(k, g, d // g).astype(np.float32) * scales.astype(np.float32)[:, :, None]).reshape(k, d)
 
 
 def quantize_int8(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """tokens float32 (K, d) -> (int8 (K, d), float32 scales (K,)); symmetric, round half to even."""
-    tokens = np.asarray(tokens, dtype=np.float32)
-    amax = np.abs(tokens).max(axis=-1, keepdims=True)
-    scale = np.where(amax > 0, amax / np.float32(INT8_MAX), np.float32(1.0)).astype(np.float32)
-    q = np.clip(np.rint(tokens / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+    """tokens float32 (K, d) -> (int8 (K, d), float32 scales (K,)); one float32 scale per token."""
+    q, scale = quantize(tokens, 8)
     return q, scale[:, 0]
 
 
 def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """int8 (K, d), float32 (K,) -> float32 (K, d)."""
-    return q.astype(np.float32) * scales.astype(np.float32)[:, None]
+    return dequantize(q, np.asarray(scales, dtype=np.float32)[:, None])
 
 
-def encode_tokens(tokens: np.ndarray, positions: np.ndarray, config: CodecConfig = CodecConfig()) -> pb.TokenPacket:
-    """tokens float32 (K, d), positions int (K,) strictly increasing -> TokenPacket."""
+def pack_int4(q: np.ndarray) -> bytes:
+    """int8 values in [-8, 7], even count -> bytes, two's complement nibbles, low nibble first."""
+    flat = (q.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
+def unpack_int4(raw: bytes, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: -> int8 (count,)."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    nibbles = np.empty(2 * b.size, dtype=np.uint8)
+    nibbles[0::2], nibbles[1::2] = b & 0x0F, b >> 4
+    return ((nibbles[:count].astype(np.int16) ^ 8) - 8).astype(np.int8)
+
+
+def raw_payload_bytes(encoding: int, num_tokens: int, dim: int) -> int:
+    """Payload size before compression for a known encoding enum value."""
+    return (num_tokens * dim * _BITS[encoding] + 7) // 8
+
+
+def encode_tokens(tokens: np.ndarray, positions: np.ndarray, config: CodecConfig = CodecConfig(),
+                  zstd_dictionary: "zstandard.ZstdCompressionDict | None" = None) -> pb.TokenPacket:
+    """tokens float32 (K, d), positions int (K,) strictly increasing -> TokenPacket.
+
+    With ``zstd_dictionary`` (the model's, from its folder), zstd compression uses it and the
+    packet says COMPRESSION_ZSTD_DICT.
+    """
     tokens = np.asarray(tokens, dtype=np.float32)
     positions = np.asarray(positions)
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
@@ -82,19 +172,32 @@ def encode_tokens(tokens: np.ndarray, positions: np.ndarray, config: CodecConfig
     if not np.all(np.isfinite(tokens)):
         raise ValueError("tokens contain NaN or inf")
     encoding = ENCODINGS[config.encoding]
-    scales = b""
-    if encoding == pb.ENCODING_INT8:
-        q, s = quantize_int8(tokens)
-        raw, scales = q.tobytes(), s.astype("<f4").tobytes()
+    scales, group_size, scales_encoding = b"", 0, pb.ENCODING_UNSPECIFIED
+    if encoding in (pb.ENCODING_INT8, pb.ENCODING_INT4):
+        if encoding == pb.ENCODING_INT4 and tokens.shape[1] % 2:
+            raise ValueError(f"int4 needs an even token dimension, got {tokens.shape[1]}")
+        group_size = config.group_size if config.group_size != tokens.shape[1] else 0
+        q, s = quantize(tokens, config.bits, group_size, config.scale_dtype)
+        raw = q.tobytes() if encoding == pb.ENCODING_INT8 else pack_int4(q)
+        scales_encoding = SCALE_DTYPES[config.scale_dtype]
+        scales = s.astype("<f2" if config.scale_dtype == "fp16" else "<f4").tobytes()
     else:
         raw = tokens.astype(_DTYPES[encoding]).tobytes()
-    compression = COMPRESSIONS[config.compression]
-    payload = raw
-    if compression == pb.COMPRESSION_ZSTD:
-        payload = zstandard.ZstdCompressor(level=config.zstd_level, write_content_size=True).compress(raw)
+    compression, payload = pb.COMPRESSION_NONE, raw
+    if config.compression != "none":
+        if zstd_dictionary is not None:
+            compressor = zstandard.ZstdCompressor(level=config.zstd_level, dict_data=zstd_dictionary,
+                                                  write_content_size=True, write_dict_id=True)
+            compressed, kind = compressor.compress(raw), pb.COMPRESSION_ZSTD_DICT
+        else:
+            compressor = zstandard.ZstdCompressor(level=config.zstd_level, write_content_size=True)
+            compressed, kind = compressor.compress(raw), pb.COMPRESSION_ZSTD
+        if config.compression == "zstd" or len(compressed) < len(raw):
+            compression, payload = kind, compressed
     return pb.TokenPacket(
         num_tokens=tokens.shape[0], dim=tokens.shape[1], encoding=encoding, compression=compression,
         scales=scales, positions=positions.astype(np.int64).tolist(), payload=payload, uncompressed_size=len(raw),
+        group_size=group_size, scales_encoding=scales_encoding,
     )
 
 
@@ -102,9 +205,9 @@ def decode_tokens(packet: pb.TokenPacket, limits: PacketLimits) -> tuple[np.ndar
     """TokenPacket -> (tokens float32 (K, d), positions int64 (K,)), or InvalidPacket."""
     k, d = packet.num_tokens, packet.dim
     max_tokens = limits.max_tokens or limits.max_position
-    if packet.encoding not in _VALUE_BYTES:
+    if packet.encoding not in _BITS:
         raise InvalidPacket(f"unknown encoding {packet.encoding}")
-    if packet.compression not in (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD):
+    if packet.compression not in (pb.COMPRESSION_NONE, pb.COMPRESSION_ZSTD, pb.COMPRESSION_ZSTD_DICT):
         raise InvalidPacket(f"unknown compression {packet.compression}")
     if not 1 <= k <= max_tokens:
         raise InvalidPacket(f"num_tokens must be in [1, {max_tokens}], got {k}")
@@ -119,33 +222,52 @@ def decode_tokens(packet: pb.TokenPacket, limits: PacketLimits) -> tuple[np.ndar
         raise InvalidPacket(f"position {positions[-1]} out of range [0, {limits.max_position})")
     if limits.require_cls and positions[0] != 0:
         raise InvalidPacket("the CLS token (position 0) must be sent")
-    raw_size = k * d * _VALUE_BYTES[packet.encoding]
+    quantized = packet.encoding in (pb.ENCODING_INT8, pb.ENCODING_INT4)
+    if packet.encoding == pb.ENCODING_INT4 and d % 2:
+        raise InvalidPacket(f"int4 needs an even dim, got {d}")
+    raw_size = raw_payload_bytes(packet.encoding, k, d)
     if packet.uncompressed_size != raw_size:
-        raise InvalidPacket(f"uncompressed_size {packet.uncompressed_size} != num_tokens*dim*bytes = {raw_size}")
+        raise InvalidPacket(f"uncompressed_size {packet.uncompressed_size} != num_tokens*dim*bits/8 = {raw_size}")
     if raw_size > limits.max_decompressed_bytes:
         raise InvalidPacket(f"payload of {raw_size} bytes exceeds the limit of {limits.max_decompressed_bytes}")
-    expected_scales = 4 * k if packet.encoding == pb.ENCODING_INT8 else 0
+    groups = 0
+    if quantized:
+        g = packet.group_size
+        if g and (g > d or d % g):
+            raise InvalidPacket(f"group_size {g} does not divide dim {d}")
+        groups = d // g if g else 1
+        if packet.scales_encoding not in (pb.ENCODING_UNSPECIFIED, pb.ENCODING_FP32, pb.ENCODING_FP16):
+            raise InvalidPacket(f"unknown scales_encoding {packet.scales_encoding}")
+    elif packet.group_size or packet.scales_encoding:
+        raise InvalidPacket("group_size and scales_encoding apply to int8/int4 only")
+    scale_dtype = np.dtype("<f2") if packet.scales_encoding == pb.ENCODING_FP16 else np.dtype("<f4")
+    expected_scales = k * groups * scale_dtype.itemsize if quantized else 0
     if len(packet.scales) != expected_scales:
         raise InvalidPacket(f"scales must be {expected_scales} bytes, got {len(packet.scales)}")
-    raw = _decompress(packet, raw_size)
-    values = np.frombuffer(raw, dtype=_DTYPES[packet.encoding]).reshape(k, d)
-    if packet.encoding == pb.ENCODING_INT8:
-        scales = np.frombuffer(packet.scales, dtype="<f4")
+    raw = _decompress(packet, raw_size, limits.zstd_dictionary)
+    if quantized:
+        scales = np.frombuffer(packet.scales, dtype=scale_dtype).astype(np.float32).reshape(k, groups)
         if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-            raise InvalidPacket("int8 scales must be finite and non-negative")
-        tokens = dequantize_int8(values, scales)
+            raise InvalidPacket("int8/int4 scales must be finite and non-negative")
+        if packet.encoding == pb.ENCODING_INT8:
+            q = np.frombuffer(raw, dtype=np.int8).reshape(k, d)
+        else:
+            q = unpack_int4(raw, k * d).reshape(k, d)
+        tokens = dequantize(q, scales)
     else:
-        tokens = values.astype(np.float32)
+        tokens = np.frombuffer(raw, dtype=_DTYPES[packet.encoding]).reshape(k, d).astype(np.float32)
         if not np.all(np.isfinite(tokens)):
             raise InvalidPacket("token values contain NaN or inf")
     return tokens, positions
 
 
-def _decompress(packet: pb.TokenPacket, raw_size: int) -> bytes:
+def _decompress(packet: pb.TokenPacket, raw_size: int, dictionary) -> bytes:
     if packet.compression == pb.COMPRESSION_NONE:
         if len(packet.payload) != raw_size:
             raise InvalidPacket(f"payload is {len(packet.payload)} bytes, expected {raw_size}")
         return packet.payload
+    if packet.compression == pb.COMPRESSION_ZSTD_DICT and dictionary is None:
+        raise InvalidPacket("packet uses a zstd dictionary but this model has none")
     try:
         declared = zstandard.frame_content_size(packet.payload)
     except zstandard.ZstdError as exc:
@@ -153,7 +275,13 @@ def _decompress(packet: pb.TokenPacket, raw_size: int) -> bytes:
     if declared not in (-1, raw_size):
         raise InvalidPacket(f"zstd frame declares {declared} bytes, expected {raw_size}")
     try:
-        raw = zstandard.ZstdDecompressor().decompress(packet.payload, max_output_size=raw_size)
+        if packet.compression == pb.COMPRESSION_ZSTD_DICT:
+            if not isinstance(dictionary, zstandard.ZstdCompressionDict):
+                dictionary = zstandard.ZstdCompressionDict(dictionary)
+            decompressor = zstandard.ZstdDecompressor(dict_data=dictionary)
+        else:
+            decompressor = zstandard.ZstdDecompressor()
+        raw = decompressor.decompress(packet.payload, max_output_size=raw_size)
     except zstandard.ZstdError as exc:
         raise InvalidPacket(f"zstd payload does not decompress: {exc}") from exc
     if len(raw) != raw_size:

@@ -13,20 +13,24 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_FP32: _ClassVar[Encoding]
     ENCODING_FP16: _ClassVar[Encoding]
     ENCODING_INT8: _ClassVar[Encoding]
+    ENCODING_INT4: _ClassVar[Encoding]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     COMPRESSION_NONE: _ClassVar[Compression]
     COMPRESSION_ZSTD: _ClassVar[Compression]
+    COMPRESSION_ZSTD_DICT: _ClassVar[Compression]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_FP32: Encoding
 ENCODING_FP16: Encoding
 ENCODING_INT8: Encoding
+ENCODING_INT4: Encoding
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
+COMPRESSION_ZSTD_DICT: Compression
 
 class TokenPacket(_message.Message):
-    __slots__ = ("num_tokens", "dim", "encoding", "compression", "scales", "positions", "payload", "uncompressed_size")
+    __slots__ = ("num_tokens", "dim", "encoding", "compression", "scales", "positions", "payload", "uncompressed_size", "group_size", "scales_encoding")
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +39,8 @@ class TokenPacket(_message.Message):
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     UNCOMPRESSED_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SCALES_ENCODING_FIELD_NUMBER: _ClassVar[int]
     num_tokens: int
     dim: int
     encoding: Encoding
@@ -43,7 +49,9 @@ class TokenPacket(_message.Message):
     positions: _containers.RepeatedScalarFieldContainer[int]
     payload: bytes
     uncompressed_size: int
-    def __init__(self, num_tokens: _Optional[int] = ..., dim: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., scales: _Optional[bytes] = ..., positions: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., uncompressed_size: _Optional[int] = ...) -> None: ...
+    group_size: int
+    scales_encoding: Encoding
+    def __init__(self, num_tokens: _Optional[int] = ..., dim: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., scales: _Optional[bytes] = ..., positions: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., uncompressed_size: _Optional[int] = ..., group_size: _Optional[int] = ..., scales_encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("model", "manifest_sha256", "request_id", "packet")

@@ -46,3 +46,18 @@ def test_int8_quantization_parity():
     tokens[7, :3] = [1.0, -1.0, 0.5]  # exact .5 steps exercise round-half-even
     q, s = quantize_int8(tokens)
     np.testing.assert_array_equal(fake_quantize_int8(torch.from_numpy(tokens)).numpy(), dequantize_int8(q, s))
+
+
+@pytest.mark.parametrize("bits, group_size, scale_dtype", [
+    (8, 0, "fp32"), (8, 0, "fp16"), (8, 16, "fp16"), (4, 0, "fp32"), (4, 8, "fp16"), (4, 32, "fp32"),
+])
+def test_low_bit_quantization_parity(bits, group_size, scale_dtype):
+    from splitinfer.export.tokens import fake_quantize
+    from splitinfer.protos.codec import dequantize, quantize
+
+    rng = np.random.default_rng(bits + group_size)
+    tokens = (rng.normal(size=(21, 64)) * rng.uniform(0.01, 30, size=(21, 1))).astype(np.float32)
+    tokens[3] = 0.0
+    q, s = quantize(tokens, bits, group_size, scale_dtype)
+    mirrored = fake_quantize(torch.from_numpy(tokens), bits, group_size, scale_dtype).numpy()
+    np.testing.assert_array_equal(mirrored, dequantize(q, s))

@@ -114,3 +114,86 @@ def test_decompressed_size_capped():
     packet = encode_tokens(t, p, CodecConfig("fp32", "zstd"))
     with pytest.raises(InvalidPacket, match="exceeds the limit"):
         decode_tokens(packet, PacketLimits(dim=DIM, max_position=FULL, max_decompressed_bytes=1000))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group_size", [0, 8, 16])
+@pytest.mark.parametrize("scale_dtype", ["fp32", "fp16"])
+def test_low_bit_round_trip_and_error_bound(bits, group_size, scale_dtype):
+    tokens, positions = _tokens(k=13, seed=bits + group_size)
+    config = CodecConfig(f"int{bits}", "auto", group_size=group_size, scale_dtype=scale_dtype)
+    packet = pb.TokenPacket.FromString(encode_tokens(tokens, positions, config).SerializeToString())
+    decoded, pos = decode_tokens(packet, LIMITS)
+    np.testing.assert_array_equal(pos, positions)
+    g = DIM // group_size if group_size else 1
+    amax = np.abs(tokens.reshape(13, g, -1)).max(axis=-1, keepdims=True)
+    qmax = 127 if bits == 8 else 7
+    # half a step, plus the float16 rounding of the scale (relative 2^-11) times the largest |q|
+    bound = amax / qmax / 2 + (amax * 2**-11 if scale_dtype == "fp16" else 0) + 1e-6
+    err = np.abs(decoded - tokens).reshape(13, g, -1)
+    assert np.all(err <= bound)
+    if bits == 4:
+        assert len(packet.payload) <= 13 * DIM // 2 or packet.compression != pb.COMPRESSION_NONE
+        assert packet.uncompressed_size == 13 * DIM // 2
+
+
+def test_int4_packing_round_trip():
+    from splitinfer.protos.codec import pack_int4, unpack_int4
+
+    q = np.arange(-7, 8, dtype=np.int8).repeat(2)
+    np.testing.assert_array_equal(unpack_int4(pack_int4(q), q.size), q)
+    assert len(pack_int4(q)) == q.size // 2
+
+
+def test_bytes_shrink_with_bits_and_groups():
+    tokens, positions = _tokens(k=17)
+    size = lambda **kw: encode_tokens(tokens, positions, CodecConfig(compression="none", **kw)).ByteSize()  # noqa: E731
+    assert size(encoding="int4", scale_dtype="fp16") < size(encoding="int8", scale_dtype="fp16") < size(encoding="int8")
+    assert size(encoding="int8", group_size=8) > size(encoding="int8")  # more scales, more bytes
+
+
+def test_auto_compression_keeps_only_what_pays():
+    rng = np.random.default_rng(0)
+    noise = rng.uniform(-1, 1, size=(9, DIM)).astype(np.float32)
+    packet = encode_tokens(noise, np.arange(9), CodecConfig("int8", "auto"))
+    assert packet.compression == pb.COMPRESSION_NONE  # uniform int8 codes do not compress
+    assert encode_tokens(noise, np.arange(9), CodecConfig("int8", "zstd")).compression == pb.COMPRESSION_ZSTD
+    zeros = np.zeros((9, DIM), np.float32)
+    zeros[:, 0] = 1
+    packet = encode_tokens(zeros, np.arange(9), CodecConfig("fp32", "auto"))
+    assert packet.compression == pb.COMPRESSION_ZSTD and len(packet.payload) < 9 * DIM * 4
+    np.testing.assert_array_equal(decode_tokens(packet, LIMITS)[0], zeros)
+
+
+def test_zstd_dictionary_round_trip_and_refusal_without_it():
+    rng = np.random.default_rng(1)
+    samples = []
+    for i in range(200):
+        t, p = _tokens(k=5, seed=i)
+        samples.append(encode_tokens(np.round(t), p, CodecConfig("int8", "none")).payload)
+    dictionary = zstandard.train_dictionary(1024, samples)
+    t, p = _tokens(k=5, seed=999)
+    packet = encode_tokens(np.round(t), p, CodecConfig("int8", "zstd"), zstd_dictionary=dictionary)
+    assert packet.compression == pb.COMPRESSION_ZSTD_DICT
+    with_dict = PacketLimits(dim=DIM, max_position=FULL, zstd_dictionary=dictionary.as_bytes())
+    decoded, _ = decode_tokens(packet, with_dict)
+    np.testing.assert_allclose(decoded, np.round(t), atol=np.abs(t).max() / 127)
+    with pytest.raises(InvalidPacket, match="dictionary"):
+        decode_tokens(packet, LIMITS)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("group_size", 7), ("group_size", DIM * 2), ("scales_encoding", 4),
+])
+def test_bad_group_and_scale_fields(field, value):
+    packet = encode_tokens(*_tokens(), CodecConfig("int8", "none"))
+    setattr(packet, field, value)
+    with pytest.raises(InvalidPacket):
+        decode_tokens(packet, LIMITS)
+
+
+def test_group_fields_on_float_packet_rejected():
+    packet = encode_tokens(*_tokens(), CodecConfig("fp16", "none"))
+    packet.group_size = 8
+    with pytest.raises(InvalidPacket, match="int8/int4 only"):
+        decode_tokens(packet, LIMITS)
