@@ -31,6 +31,7 @@ class ViTConfig:
     split: int = 2
     num_classes: int = 10
     stem: str = "conv"  # "conv": three stride-2 3x3 convs; "patch": one linear patch projection
+    bottleneck_dims: tuple[int, ...] = ()  # learned split bottlenecks trained with the model (d -> d_c -> d)
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -43,6 +44,10 @@ class ViTConfig:
             raise ValueError(f"stem must be 'conv' or 'patch', got {self.stem!r}")
         if self.stem == "conv" and self.patch_size != 8:
             raise ValueError(f"the conv stem downsamples by 8; patch_size must be 8, got {self.patch_size}")
+        object.__setattr__(self, "bottleneck_dims", tuple(int(w) for w in self.bottleneck_dims))
+        for w in self.bottleneck_dims:
+            if not 1 <= w < self.dim:
+                raise ValueError(f"bottleneck dims must be in [1, dim={self.dim}), got {w}")
 
     @property
     def grid(self) -> int:
@@ -126,6 +131,22 @@ class Block(nn.Module):
         return x, attn
 
 
+class Bottleneck(nn.Module):
+    """The learned split bottleneck: encoder (N, d) -> (N, d_c) ends the device half, decoder
+    (N, d_c) -> (N, d) starts the server half. Applied per token, so pruning commutes with it."""
+
+    def __init__(self, dim: int, width: int):
+        super().__init__()
+        self.encoder = nn.Linear(dim, width)
+        self.decoder = nn.Sequential(nn.Linear(width, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encoder(tokens)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decoder(codes)
+
+
 class SplitViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -138,6 +159,7 @@ class SplitViT(nn.Module):
         self.exit_head = nn.Linear(cfg.dim, cfg.num_classes)
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.bottlenecks = nn.ModuleDict({str(w): Bottleneck(cfg.dim, w) for w in cfg.bottleneck_dims})
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
@@ -170,25 +192,40 @@ class SplitViT(nn.Module):
         return self.server_forward(tokens)
 
 
-class DeviceHalf(nn.Module):
-    """Export wrapper: image (B, C, H, W) -> exit_logits (B, K), tokens (B, N, d), importance (B, P)."""
+    def bottleneck(self, width: int | None) -> Bottleneck | None:
+        if width is None:
+            return None
+        if str(width) not in self.bottlenecks:
+            raise ValueError(f"this model has no bottleneck of width {width}; trained: {list(self.cfg.bottleneck_dims)}")
+        return self.bottlenecks[str(width)]
 
-    def __init__(self, model: SplitViT):
+
+class DeviceHalf(nn.Module):
+    """Export wrapper: image (B, C, H, W) -> exit_logits (B, K), tokens (B, N, d or d_c), importance (B, P)."""
+
+    def __init__(self, model: SplitViT, bottleneck: int | None = None):
         super().__init__()
         self.model = model
+        self.bottleneck = model.bottleneck(bottleneck)
 
     def forward(self, image: torch.Tensor):
-        return self.model.device_forward(image)
+        exit_logits, tokens, importance = self.model.device_forward(image)
+        if self.bottleneck is not None:
+            tokens = self.bottleneck.encode(tokens)
+        return exit_logits, tokens, importance
 
 
 class ServerHalf(nn.Module):
-    """Export wrapper: tokens (B, N', d), mask (B, N') bool -> logits (B, K)."""
+    """Export wrapper: tokens (B, N', d or d_c), mask (B, N') bool -> logits (B, K)."""
 
-    def __init__(self, model: SplitViT):
+    def __init__(self, model: SplitViT, bottleneck: int | None = None):
         super().__init__()
         self.model = model
+        self.bottleneck = model.bottleneck(bottleneck)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor):
+        if self.bottleneck is not None:
+            tokens = self.bottleneck.decode(tokens)
         return self.model.server_forward(tokens, mask)
 
 

@@ -45,24 +45,27 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, input_names, outpu
     onnx.save(proto, str(path))
 
 
-def export_device_half(model: SplitViT, path: Path, opset: int = 17) -> None:
-    """device.onnx: image float32 (B, C, H, W) -> exit_logits (B, K), tokens (B, N, d), importance (B, P)."""
+def export_device_half(model: SplitViT, path: Path, opset: int = 17, bottleneck: int | None = None) -> None:
+    """device.onnx: image float32 (B, C, H, W) -> exit_logits (B, K), tokens (B, N, d or d_c), importance (B, P).
+
+    With ``bottleneck`` the tokens leave through that learned encoder (d_c = the width)."""
     cfg = model.cfg
     dummy = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size)
-    _export(DeviceHalf(model), (dummy,), path, ["image"], ["exit_logits", "tokens", "importance"],
+    _export(DeviceHalf(model, bottleneck), (dummy,), path, ["image"], ["exit_logits", "tokens", "importance"],
             {"image": {0: "batch"}, "exit_logits": {0: "batch"}, "tokens": {0: "batch"}, "importance": {0: "batch"}},
             opset)
 
 
-def export_server_half(model: SplitViT, path: Path, opset: int = 17) -> None:
-    """server.onnx: tokens float32 (B, T, d), mask bool (B, T) (True = real token) -> logits (B, K).
+def export_server_half(model: SplitViT, path: Path, opset: int = 17, bottleneck: int | None = None) -> None:
+    """server.onnx: tokens float32 (B, T, d or d_c), mask bool (B, T) (True = real token) -> logits (B, K).
 
-    Batch and token count are dynamic; CLS must be at index 0 of every row.
+    Batch and token count are dynamic; CLS must be at index 0 of every row. With ``bottleneck`` the
+    graph starts with that learned decoder.
     """
     cfg = model.cfg
-    tokens = torch.zeros(2, 5, cfg.dim)
+    tokens = torch.zeros(2, 5, bottleneck or cfg.dim)
     mask = torch.ones(2, 5, dtype=torch.bool)
-    _export(ServerHalf(model), (tokens, mask), path, ["tokens", "mask"], ["logits"],
+    _export(ServerHalf(model, bottleneck), (tokens, mask), path, ["tokens", "mask"], ["logits"],
             {"tokens": {0: "batch", 1: "num_tokens"}, "mask": {0: "batch", 1: "num_tokens"}, "logits": {0: "batch"}},
             opset)
 
@@ -75,6 +78,7 @@ def verify_parity(
     batch_sizes: tuple[int, ...] = (1, 3),
     atol: float = 1e-4,
     seed: int = 0,
+    bottleneck: int | None = None,
 ) -> dict:
     """Run both halves in ONNX Runtime and torch on the same inputs; raise ParityError on a mismatch.
 
@@ -85,6 +89,7 @@ def verify_parity(
     import onnxruntime as ort
 
     cfg = model.cfg
+    device_half, server_half = DeviceHalf(model, bottleneck).eval(), ServerHalf(model, bottleneck).eval()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     device = ort.InferenceSession(str(device_path), opts, providers=["CPUExecutionProvider"])
@@ -96,7 +101,7 @@ def verify_parity(
         image = rng.normal(size=(b, cfg.in_channels, cfg.image_size, cfg.image_size)).astype(np.float32)
         ort_out = device.run(None, {"image": image})
         with torch.no_grad():
-            torch_out = [t.numpy() for t in model.device_forward(torch.from_numpy(image))]
+            torch_out = [t.numpy() for t in device_half(torch.from_numpy(image))]
         for a, t in zip(ort_out, torch_out):
             worst["device"] = max(worst["device"], float(np.abs(a - t).max()))
         tokens_all = torch_out[1]
@@ -111,11 +116,11 @@ def verify_parity(
                     mask[i, n - i:] = False
             ort_logits = server.run(None, {"tokens": tokens, "mask": mask})[0]
             with torch.no_grad():
-                torch_logits = model.server_forward(torch.from_numpy(tokens), torch.from_numpy(mask)).numpy()
+                torch_logits = server_half(torch.from_numpy(tokens), torch.from_numpy(mask)).numpy()
                 # a padded row must equal the same row sent alone, unpadded
                 for i in range(b):
                     k = int(mask[i].sum())
-                    alone = model.server_forward(torch.from_numpy(tokens[i:i + 1, :k])).numpy()
+                    alone = server_half(torch.from_numpy(tokens[i:i + 1, :k]), torch.ones(1, k, dtype=torch.bool)).numpy()
                     worst["server"] = max(worst["server"], float(np.abs(alone[0] - torch_logits[i]).max()))
             worst["server"] = max(worst["server"], float(np.abs(ort_logits - torch_logits).max()))
     for half, diff in worst.items():

@@ -3,7 +3,9 @@
 Loss per batch: cross-entropy of the exit head + of the final head on all tokens + of the final
 head on a pruned token set (each sample keeps a random number of its most important patches, and
 the kept tokens go through an int8 round trip with a straight-through gradient), so the server
-half stays accurate on what the edge actually sends. Fresh clutter every epoch.
+half stays accurate on what the edge actually sends. With learned bottlenecks, the mean over
+bottleneck widths of the final head's loss on the same pruned tokens sent through encoder ->
+int8 or int4 round trip (float16 scales) -> decoder. Fresh clutter every epoch.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from .data import ClutterConfig, load_mnist_digits, make_canvases, split_digits
 from .model import SplitViT, ViTConfig
 from .preprocess import normalize
-from .tokens import fake_quantize_int8, keep_top_k_mask, with_cls
+from .tokens import fake_quantize, fake_quantize_int8, keep_top_k_mask, with_cls
 
 __all__ = ["TrainConfig", "train", "evaluate", "save_checkpoint", "load_checkpoint"]
 
@@ -38,6 +40,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     min_keep: int = 2  # fewest patches a pruned training sample keeps
     seed: int = 0
+    init_from: str | None = None  # checkpoint whose weights start training (bottlenecks may be new)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "canvases_per_epoch", "batch_size", "min_keep"):
@@ -72,7 +75,13 @@ def train(
     train_digits, train_labels = splits["train"]
     test_x, test_y = make_canvases(*splits["test"], n=2 * len(splits["test"][0]), config=clutter, seed=3)
 
-    model = SplitViT(vit).to(device)
+    model = SplitViT(vit)
+    if cfg.init_from:
+        start, _ = load_checkpoint(Path(cfg.init_from))
+        missing, unexpected = model.load_state_dict(start.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("bottlenecks.") for k in missing):
+            raise ValueError(f"{cfg.init_from} does not fit this configuration: missing {missing}, unexpected {unexpected}")
+    model = model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n and "token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n and "token" not in n)]
     opt = torch.optim.AdamW(
@@ -107,6 +116,14 @@ def train(
             pruned_logits = model.server_forward(quantized, mask)
             ce = lambda logits: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)  # noqa: E731
             loss = ce(exit_logits) + ce(full_logits) + ce(pruned_logits)
+            if vit.bottleneck_dims:
+                bits = 8 if torch.rand(()).item() < 0.5 else 4
+                coded = 0.0
+                for bottleneck in model.bottlenecks.values():
+                    codes = bottleneck.encode(tokens)
+                    codes = codes + (fake_quantize(codes, bits, 0, "fp16") - codes).detach()
+                    coded = coded + ce(model.server_forward(bottleneck.decode(codes), mask))
+                loss = loss + coded / len(model.bottlenecks)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -139,7 +156,8 @@ def evaluate(model: SplitViT, images: np.ndarray, labels: np.ndarray, device="cp
     model.eval()
     device = torch.device(device)
     P = model.cfg.num_patches
-    hits = {"exit": 0, "full": 0, **{f"keep_{f:g}": 0 for f in keep_fractions}}
+    hits = {"exit": 0, "full": 0, **{f"keep_{f:g}": 0 for f in keep_fractions},
+            **{f"bottleneck_{w}_keep_0.25_{b}bit": 0 for w in model.cfg.bottleneck_dims for b in (8, 4)}}
     for x, y in _batches(images, labels, 512, device):
         exit_logits, tokens, importance = model.device_forward(x)
         hits["exit"] += (exit_logits.argmax(-1) == y).sum().item()
@@ -148,6 +166,12 @@ def evaluate(model: SplitViT, images: np.ndarray, labels: np.ndarray, device="cp
             k = torch.full((x.shape[0],), max(1, round(f * P)), device=device)
             logits = model.server_forward(tokens, with_cls(keep_top_k_mask(importance, k)))
             hits[f"keep_{f:g}"] += (logits.argmax(-1) == y).sum().item()
+        mask = with_cls(keep_top_k_mask(importance, torch.full((x.shape[0],), P // 4, device=device)))
+        for w, bottleneck in model.bottlenecks.items():
+            for b in (8, 4):
+                codes = fake_quantize(bottleneck.encode(tokens), b, 0, "fp16")
+                logits = model.server_forward(bottleneck.decode(codes), mask)
+                hits[f"bottleneck_{w}_keep_0.25_{b}bit"] += (logits.argmax(-1) == y).sum().item()
     model.train()
     return {k: v / len(images) for k, v in hits.items()}
 

@@ -12,6 +12,7 @@ is capped at the size the header fields imply (no decompression bombs). Every fa
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ import zstandard
 from . import splitinfer_pb2 as pb
 from .errors import InvalidPacket
 
-__all__ = ["CodecConfig", "PacketLimits", "ENCODINGS", "COMPRESSIONS", "SCALE_DTYPES", "encode_tokens",
+__all__ = ["CodecConfig", "PacketLimits", "load_dictionary", "ENCODINGS", "COMPRESSIONS", "SCALE_DTYPES", "encode_tokens",
            "decode_tokens", "quantize", "dequantize", "quantize_int8", "dequantize_int8", "pack_int4",
            "unpack_int4", "raw_payload_bytes"]
 
@@ -31,6 +32,31 @@ _BITS = {pb.ENCODING_FP32: 32, pb.ENCODING_FP16: 16, pb.ENCODING_INT8: 8, pb.ENC
 _DTYPES = {pb.ENCODING_FP32: np.dtype("<f4"), pb.ENCODING_FP16: np.dtype("<f2"), pb.ENCODING_INT8: np.dtype("i1")}
 QMAX = {8: 127.0, 4: 7.0}
 INT8_MAX = QMAX[8]
+
+# zstd (de)compressors are not thread-safe and cost tens of microseconds to make (more with a
+# dictionary): keep one per thread, per level and dictionary.
+_local = threading.local()
+
+
+def _cached(kind: str, level: int, dictionary) -> "zstandard.ZstdCompressor | zstandard.ZstdDecompressor":
+    cache = _local.__dict__.setdefault("cache", {})
+    key = (kind, level, id(dictionary))
+    entry = cache.get(key)
+    if entry is None or entry[1] is not dictionary:
+        if kind == "c":
+            obj = zstandard.ZstdCompressor(level=level, dict_data=dictionary, write_content_size=True,
+                                           write_dict_id=dictionary is not None)
+        else:
+            obj = zstandard.ZstdDecompressor(dict_data=dictionary)
+        entry = cache[key] = (obj, dictionary)
+    return entry[0]
+
+
+def load_dictionary(data: "bytes | zstandard.ZstdCompressionDict | None") -> "zstandard.ZstdCompressionDict | None":
+    """Raw dictionary bytes (a model folder's zstd.dict) -> a reusable ZstdCompressionDict."""
+    if data is None or isinstance(data, zstandard.ZstdCompressionDict):
+        return data
+    return zstandard.ZstdCompressionDict(data)
 
 
 @dataclass(frozen=True)
@@ -84,6 +110,13 @@ class PacketLimits:
             raise ValueError(f"max_tokens must be in [1, max_position={self.max_position}], got {self.max_tokens}")
         if self.max_decompressed_bytes < 1:
             raise ValueError(f"max_decompressed_bytes must be >= 1, got {self.max_decompressed_bytes}")
+        object.__setattr__(self, "zstd_dictionary", load_dictionary(self.zstd_dictionary))
+
+    @classmethod
+    def for_manifest(cls, manifest, **overrides) -> "PacketLimits":
+        """What a model accepts: its wire dim, its sequence length, its zstd dictionary if it ships one."""
+        return cls(dim=manifest.dim, max_position=manifest.num_tokens,
+                   zstd_dictionary=manifest.zstd_dictionary, **overrides)
 
 
 def _groups(dim: int, group_size: int) -> int:
@@ -185,13 +218,9 @@ def encode_tokens(tokens: np.ndarray, positions: np.ndarray, config: CodecConfig
         raw = tokens.astype(_DTYPES[encoding]).tobytes()
     compression, payload = pb.COMPRESSION_NONE, raw
     if config.compression != "none":
-        if zstd_dictionary is not None:
-            compressor = zstandard.ZstdCompressor(level=config.zstd_level, dict_data=zstd_dictionary,
-                                                  write_content_size=True, write_dict_id=True)
-            compressed, kind = compressor.compress(raw), pb.COMPRESSION_ZSTD_DICT
-        else:
-            compressor = zstandard.ZstdCompressor(level=config.zstd_level, write_content_size=True)
-            compressed, kind = compressor.compress(raw), pb.COMPRESSION_ZSTD
+        dictionary = load_dictionary(zstd_dictionary)
+        compressed = _cached("c", config.zstd_level, dictionary).compress(raw)
+        kind = pb.COMPRESSION_ZSTD if dictionary is None else pb.COMPRESSION_ZSTD_DICT
         if config.compression == "zstd" or len(compressed) < len(raw):
             compression, payload = kind, compressed
     return pb.TokenPacket(
@@ -275,12 +304,7 @@ def _decompress(packet: pb.TokenPacket, raw_size: int, dictionary) -> bytes:
     if declared not in (-1, raw_size):
         raise InvalidPacket(f"zstd frame declares {declared} bytes, expected {raw_size}")
     try:
-        if packet.compression == pb.COMPRESSION_ZSTD_DICT:
-            if not isinstance(dictionary, zstandard.ZstdCompressionDict):
-                dictionary = zstandard.ZstdCompressionDict(dictionary)
-            decompressor = zstandard.ZstdDecompressor(dict_data=dictionary)
-        else:
-            decompressor = zstandard.ZstdDecompressor()
+        decompressor = _cached("d", 0, load_dictionary(dictionary) if packet.compression == pb.COMPRESSION_ZSTD_DICT else None)
         raw = decompressor.decompress(packet.payload, max_output_size=raw_size)
     except zstandard.ZstdError as exc:
         raise InvalidPacket(f"zstd payload does not decompress: {exc}") from exc

@@ -58,6 +58,26 @@ class Manifest:
     def num_patches(self) -> int:
         return self.num_tokens - 1
 
+    @property
+    def zstd_dictionary(self) -> bytes | None:
+        """The zstd dictionary shipped with the model (``codec.zstd_dictionary``), or None.
+
+        Read on first use and checked against its sha256; a mismatch raises ManifestError.
+        """
+        entry = self.data.get("codec", {}).get("zstd_dictionary")
+        if not entry:
+            return None
+        cached = self.__dict__.get("_zstd_dictionary")
+        if cached is None:
+            path = self.folder / entry["path"]
+            if not path.is_file():
+                raise ManifestError(f"{self.folder}: zstd dictionary {entry['path']} not found")
+            cached = path.read_bytes()
+            if hashlib.sha256(cached).hexdigest() != entry.get("sha256"):
+                raise ManifestError(f"{self.folder}: {entry['path']} does not match the sha256 in manifest.json")
+            object.__setattr__(self, "_zstd_dictionary", cached)
+        return cached
+
 
 def write_manifest(folder: Path, data: dict) -> str:
     """Write ``manifest.json`` (stable key order) and return its sha256."""
