@@ -4,26 +4,41 @@ Threading defaults suit a small device that does one request at a time: one intr
 inter-op thread, and no spin-waiting (ORT's worker threads otherwise busy-wait after each op,
 burning a core between requests). Turn spinning on for the lowest latency on a machine with cores
 to spare.
+
+A model folder may hold two device halves: ``device.onnx`` (float) and ``device.int8.onnx``
+(``splitinfer-export export --quantize int8``). ``choose_device_half`` picks one: the user's choice,
+or with "auto" the manifest's ``device_variants.auto_choice`` when it was measured on this CPU;
+when it was measured on another CPU, both halves are timed here side by side (a few dozen batch-1
+runs). Either way INT8 is chosen only when it is at least 5 % faster (it changes the numerics), and
+never when it lost more accuracy than export allowed.
 """
 from __future__ import annotations
 
 import logging
+import platform
+import time
 from dataclasses import dataclass
 from os import PathLike
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 
 from splitinfer.protos.errors import ManifestError
-from splitinfer.protos.manifest import Manifest
+from splitinfer.protos.manifest import Manifest, sha256_file
 
-__all__ = ["SessionOptions", "DeviceOutputs", "DeviceSession"]
+__all__ = ["SessionOptions", "DeviceOutputs", "DeviceSession", "DeviceHalfChoice", "DEVICE_HALVES",
+           "choose_device_half", "device_half_path", "available_halves", "time_device_halves", "cpu_signature",
+           "zero_input"]
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("exit_logits", "tokens", "importance")
+DEVICE_HALVES = ("auto", "float", "int8")
+_FILE_KEY = {"float": "device", "int8": "device_int8"}
+MIN_SPEEDUP = 0.95  # INT8 must run in at most 95 % of the float half's time to be chosen by "auto"
 
 
 @dataclass(frozen=True)
@@ -92,11 +107,20 @@ class DeviceSession:
                 f"has inputs {sorted(inputs)} and outputs {sorted(outputs)}"
             )
         self.input_shape = tuple(inputs[INPUT_NAME].shape)  # e.g. ('batch', 1, 64, 64)
+        self.choice: DeviceHalfChoice | None = None
         logger.debug("loaded %s (input %s, %s)", path, self.input_shape, options)
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, options: SessionOptions = SessionOptions()) -> "DeviceSession":
-        return cls(manifest.device_path, options)
+    def from_manifest(cls, manifest: Manifest, options: SessionOptions = SessionOptions(),
+                      device_half: str = "float") -> "DeviceSession":
+        """The session of the device half named by ``device_half`` ("float", "int8" or "auto").
+
+        The chosen half and the reason are in ``session.choice``.
+        """
+        choice = choose_device_half(manifest, device_half, options)
+        session = choice.session if choice.session is not None else cls(device_half_path(manifest, choice.half), options)
+        session.choice = choice
+        return session
 
     def run(self, x: np.ndarray) -> DeviceOutputs:
         """x float32 (B, C, H, W), normalized as the manifest says -> DeviceOutputs."""
@@ -109,3 +133,95 @@ class DeviceSession:
             raise ValueError(f"device input shape {x.shape} does not fit the model's {self.input_shape}")
         exit_logits, tokens, importance = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         return DeviceOutputs(exit_logits, tokens, importance)
+
+
+@dataclass(frozen=True)
+class DeviceHalfChoice:
+    """Which device half runs and why. half: "float" or "int8"; timings_ms: p50 per half when
+    measured here; session: the already-loaded session of the chosen half, when timing loaded it."""
+
+    half: str
+    reason: str
+    timings_ms: dict | None = None
+    session: DeviceSession | None = None
+
+
+def cpu_signature() -> dict:
+    """This CPU as the manifest records it: {"machine": e.g. "aarch64", "model": the cpuinfo model}."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get("model name") or fields.get("Model") or fields.get("CPU part", "")
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "model": model or platform.processor()}
+
+
+def available_halves(manifest: Manifest) -> tuple[str, ...]:
+    return tuple(h for h, key in _FILE_KEY.items() if key in manifest.data.get("files", {}))
+
+
+def device_half_path(manifest: Manifest, half: str) -> Path:
+    """Path of the "float" or "int8" device half; the INT8 file's sha256 is checked against the manifest."""
+    if half not in _FILE_KEY:
+        raise ValueError(f"device half must be 'float' or 'int8', got {half!r}")
+    if half == "float":
+        return manifest.device_path
+    entry = manifest.data.get("files", {}).get(_FILE_KEY[half])
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise ManifestError(f"{manifest.folder}: no INT8 device half in manifest.json "
+                            "(export with `splitinfer-export export --quantize int8`)")
+    path = manifest.folder / entry["path"]
+    if not path.is_file():
+        raise ManifestError(f"{manifest.folder}: INT8 device half {entry['path']} not found")
+    if sha256_file(path) != entry.get("sha256"):
+        raise ManifestError(f"{manifest.folder}: {entry['path']} does not match the sha256 in manifest.json")
+    return path
+
+
+def choose_device_half(manifest: Manifest, requested: str = "auto",
+                       options: SessionOptions = SessionOptions(), runs: int = 20) -> DeviceHalfChoice:
+    """Resolve "float", "int8" or "auto" to one device half (see the module docstring for "auto")."""
+    if requested not in DEVICE_HALVES:
+        raise ValueError(f"device half must be one of {DEVICE_HALVES}, got {requested!r}")
+    if requested != "auto":
+        if requested not in available_halves(manifest):
+            device_half_path(manifest, requested)  # raises the explanatory ManifestError
+        return DeviceHalfChoice(requested, "requested")
+    if "int8" not in available_halves(manifest):
+        return DeviceHalfChoice("float", "auto: the model folder has no INT8 device half")
+    variants = manifest.data.get("device_variants", {})
+    if not variants.get("int8", {}).get("eligible", False):
+        return DeviceHalfChoice("float", "auto: the INT8 half lost more accuracy than export allowed")
+    measured = variants.get("measured_on", {})
+    here = cpu_signature()
+    if (measured.get("machine"), measured.get("model")) == (here["machine"], here["model"]) \
+            and variants.get("auto_choice") in _FILE_KEY:
+        return DeviceHalfChoice(variants["auto_choice"], f"auto: the manifest's choice, measured on this CPU "
+                                f"({here['model']}; int8/float latency {variants.get('latency_ratio_int8_over_float')})")
+    sessions = {half: DeviceSession(device_half_path(manifest, half), options) for half in ("float", "int8")}
+    timings = time_device_halves(sessions, runs=runs)
+    half = "int8" if timings["int8"] <= MIN_SPEEDUP * timings["float"] else "float"
+    logger.info("device half timings here (p50 ms): %s -> %s", timings, half)
+    return DeviceHalfChoice(half, f"auto: timed here side by side ({runs} runs each, p50 ms {timings})", timings,
+                            sessions[half])
+
+
+def time_device_halves(sessions: dict[str, DeviceSession], runs: int = 30, warmup: int = 3) -> dict[str, float]:
+    """Median batch-1 latency in ms of each session, interleaved run by run, on a zero input."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    inputs = {name: zero_input(s) for name, s in sessions.items()}
+    for i in range(warmup + runs):
+        for name, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(inputs[name])
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: round(float(np.median(t)), 4) for name, t in times.items()}
+
+
+def zero_input(session: DeviceSession) -> np.ndarray:
+    """float32 zeros of the session's input shape with symbolic dimensions set to 1."""
+    return np.zeros([d if isinstance(d, int) else 1 for d in session.input_shape], dtype=np.float32)

@@ -24,6 +24,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_int8_model_dir(tmp_path_factory) -> Path:
+    """The tiny model of ``tiny_model_dir`` (same weights), exported with an INT8 device half beside the float one."""
+    torch = pytest.importorskip("torch")
+    from splitinfer.export.model import SplitViT, ViTConfig
+    from splitinfer.export.pipeline import ExportOptions, export_split_model
+
+    torch.manual_seed(0)
+    model = SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1)).eval()
+    out = tmp_path_factory.mktemp("tiny_int8_model")
+    export_split_model(model, out, ExportOptions(name="tiny", calibration_size=40, budget=8, quantize="int8"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory) -> Path:
     """The committed checkpoint, exported (what the demo deploys)."""
     pytest.importorskip("torch")

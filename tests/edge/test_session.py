@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
 from splitinfer.edge.preprocess import preprocess
-from splitinfer.edge.session import DeviceSession, SessionOptions
+from splitinfer.edge.session import DeviceSession, SessionOptions, choose_device_half, cpu_signature
 from splitinfer.protos.errors import ManifestError
+from splitinfer.protos.manifest import load_manifest
 
 
 def test_run_shapes_match_manifest(device_session, tiny_manifest, images):
@@ -44,3 +48,69 @@ def test_bad_options_and_inputs(device_session, tmp_path):
     broken.write_bytes(b"not onnx")
     with pytest.raises(ManifestError, match="device.onnx"):
         DeviceSession(broken)
+
+
+def _copy_with_variants(src, dst, **changes):
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "manifest.json").read_text())
+    for key, value in changes.items():
+        data["device_variants"][key] = value
+    (dst / "manifest.json").write_text(json.dumps(data))
+    return load_manifest(dst, need=("device",))
+
+
+def test_float_only_folder(tiny_manifest):
+    assert choose_device_half(tiny_manifest, "auto").half == "float"
+    assert DeviceSession.from_manifest(tiny_manifest, device_half="float").choice.reason == "requested"
+    with pytest.raises(ManifestError, match="--quantize int8"):
+        DeviceSession.from_manifest(tiny_manifest, device_half="int8")
+    with pytest.raises(ValueError, match="device half"):
+        choose_device_half(tiny_manifest, "fp16")
+
+
+def test_int8_half_runs_like_the_float_one(tiny_int8_model_dir, images):
+    manifest = load_manifest(tiny_int8_model_dir, need=("device",))
+    x = preprocess(images, manifest.preprocessing)
+    f = DeviceSession.from_manifest(manifest, device_half="float")
+    q = DeviceSession.from_manifest(manifest, device_half="int8")
+    assert str(q.path).endswith("device.int8.onnx") and q.choice.half == "int8"
+    a, b = f.run(x), q.run(x)
+    assert b.tokens.shape == a.tokens.shape and b.exit_logits.dtype == np.float32
+    assert np.corrcoef(a.tokens.ravel(), b.tokens.ravel())[0, 1] > 0.98
+
+
+def test_auto_follows_the_manifest_on_this_cpu(tiny_int8_model_dir, tmp_path):
+    here = cpu_signature()
+    for choice in ("int8", "float"):
+        manifest = _copy_with_variants(tiny_int8_model_dir, tmp_path / choice, auto_choice=choice,
+                                       measured_on={**here, "onnxruntime": "x"})
+        picked = choose_device_half(manifest, "auto")
+        assert picked.half == choice and "manifest" in picked.reason and picked.timings_ms is None
+
+
+def test_auto_times_both_halves_on_another_cpu(tiny_int8_model_dir, tmp_path):
+    manifest = _copy_with_variants(tiny_int8_model_dir, tmp_path / "m", auto_choice="int8",
+                                   measured_on={"machine": "aarch64", "model": "Raspberry Pi 4 Model B Rev 1.4"})
+    session = DeviceSession.from_manifest(manifest, device_half="auto")
+    assert set(session.choice.timings_ms) == {"float", "int8"} and "timed here" in session.choice.reason
+    t = session.choice.timings_ms
+    assert session.choice.half == ("int8" if t["int8"] <= 0.95 * t["float"] else "float")
+    assert session is session.choice.session  # the timed session is reused, not loaded again
+
+
+def test_auto_never_picks_an_int8_half_that_lost_accuracy(tiny_int8_model_dir, tmp_path):
+    data = json.loads((tiny_int8_model_dir / "manifest.json").read_text())
+    manifest = _copy_with_variants(tiny_int8_model_dir, tmp_path / "m", auto_choice="int8",
+                                   int8={**data["device_variants"]["int8"], "eligible": False})
+    assert choose_device_half(manifest, "auto").half == "float"
+    assert choose_device_half(manifest, "int8").half == "int8"  # the user may still ask for it
+
+
+def test_tampered_int8_half_is_refused(tiny_int8_model_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_int8_model_dir, folder)
+    with open(folder / "device.int8.onnx", "ab") as f:
+        f.write(b"\x00")
+    manifest = load_manifest(folder, need=("device",))
+    with pytest.raises(ManifestError, match="sha256"):
+        DeviceSession.from_manifest(manifest, device_half="int8")

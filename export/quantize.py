@@ -1,0 +1,254 @@
+"""An INT8 device half beside the float one: static quantization, evaluation and a side-by-side timing.
+
+INT8 is not faster everywhere: on ARM it can be slower than FP32 unless the format fits the CPU's
+kernels (onnxruntime issues #20052, #6732). So export tries the candidate formats (QDQ and
+QOperator, per-channel weights), measures each against the float half on the same inputs, keeps
+the best one as ``device.int8.onnx`` and records every figure in the manifest; the edge then picks
+the faster half for its CPU, or the one the user asks for.
+
+Calibration uses the calibration split (MinMax ranges over ``calibration_canvases`` canvases);
+evaluation runs the deployed path in ONNX Runtime: device half -> exit decision at the manifest's
+threshold -> importance selection -> int8 token round trip -> float server half.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader
+
+from .onnx_export import IR_VERSION_FOR_OPSET
+from .tokens import fake_quantize_int8, select_tokens_mask, with_cls
+
+__all__ = [
+    "QUANT_FORMATS", "QuantizeOptions", "quantize_device_half", "evaluate_device_half",
+    "measure_latency", "cpu_signature", "add_int8_device_half",
+]
+
+log = logging.getLogger(__name__)
+
+QUANT_FORMATS = ("QDQ", "QOperator")
+INT8_FILE = "device.int8.onnx"
+MIN_SPEEDUP = 0.95  # INT8 changes the numerics: chosen automatically only when at least 5 % faster
+# onnxruntime's quantizer logs these on the root logger for shape tensors and LayerNorm weights,
+# which are meant to stay unquantized.
+_HARMLESS = ("Inference failed or unsupported type to quantize", "Axis 1 is out-of-range for weight")
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_HARMLESS)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """formats: candidates tried, best kept. per_channel: one weight scale per output channel.
+    calibration_canvases: canvases for the activation ranges. max_accuracy_drop: largest drop of
+    split accuracy below the float half's for the INT8 half to be eligible for automatic choice.
+    latency_runs: batch-1 runs per half for the side-by-side timing (one thread, no spinning)."""
+
+    formats: tuple[str, ...] = QUANT_FORMATS
+    per_channel: bool = True
+    calibration_canvases: int = 200
+    max_accuracy_drop: float = 0.01
+    latency_runs: int = 200
+
+    def __post_init__(self) -> None:
+        if not self.formats or any(f not in QUANT_FORMATS for f in self.formats):
+            raise ValueError(f"formats must be a non-empty subset of {QUANT_FORMATS}, got {self.formats!r}")
+        if self.calibration_canvases < 1:
+            raise ValueError(f"calibration_canvases must be >= 1, got {self.calibration_canvases}")
+        if not 0.0 <= self.max_accuracy_drop < 1.0:
+            raise ValueError(f"max_accuracy_drop must be in [0, 1), got {self.max_accuracy_drop}")
+        if self.latency_runs < 10:
+            raise ValueError(f"latency_runs must be >= 10, got {self.latency_runs}")
+
+
+class _CanvasReader(CalibrationDataReader):
+    """Feeds normalized canvases float32 (N, C, H, W) to the calibrator in batches."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 50) -> None:
+        self._batches = iter([images[i:i + batch_size] for i in range(0, len(images), batch_size)])
+
+    def get_next(self) -> dict | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {"image": batch}
+
+
+def quantize_device_half(float_path: Path, out_path: Path, calibration: np.ndarray, quant_format: str = "QDQ",
+                         per_channel: bool = True) -> Path:
+    """float device.onnx -> INT8 ``out_path`` (uint8 activations, int8 weights), same opset and IR version.
+
+    calibration: float32 (N, C, H, W), normalized canvases for the activation ranges.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if quant_format not in QUANT_FORMATS:
+        raise ValueError(f"quant_format must be one of {QUANT_FORMATS}, got {quant_format!r}")
+    source = onnx.load(str(float_path))
+    opset = next(o.version for o in source.opset_import if o.domain in ("", "ai.onnx"))
+    root, quiet = logging.getLogger(), _DropHarmless()
+    root.addFilter(quiet)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared), str(out_path), _CanvasReader(calibration),
+                quant_format=QuantFormat.QDQ if quant_format == "QDQ" else QuantFormat.QOperator,
+                per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+    finally:
+        root.removeFilter(quiet)
+    proto = onnx.load(str(out_path))
+    proto.ir_version = min(proto.ir_version, IR_VERSION_FOR_OPSET.get(opset, proto.ir_version))
+    # ORT's graph optimizer stamps every domain it knows (ai.onnx.ml 5, ...), which older runtimes
+    # refuse: keep the domains the nodes use.
+    used = {n.domain for n in proto.graph.node} | {""}
+    kept = [o for o in proto.opset_import if o.domain in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out_path))
+    return Path(out_path)
+
+
+def _session(path: Path, threads: int = 1) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def evaluate_device_half(device_path: Path, server_path: Path, images: np.ndarray, labels: np.ndarray,
+                         threshold: float, mass: float, budget: int, batch_size: int = 100) -> dict:
+    """The deployed path with this device half in ONNX Runtime, over normalized images (N, C, H, W).
+
+    Returns split accuracy, exit rate, the exit head's accuracy, and the mean patches offloaded.
+    """
+    device, server = _session(device_path, threads=0), _session(server_path, threads=0)
+    confidence, exit_pred, split_pred, patches = [], [], [], []
+    for start in range(0, len(images), batch_size):
+        exit_logits, tokens, importance = device.run(
+            ["exit_logits", "tokens", "importance"], {"image": images[start:start + batch_size]})
+        probs = torch.from_numpy(exit_logits).softmax(-1)
+        keep = select_tokens_mask(torch.from_numpy(importance), mass, budget)
+        sent = fake_quantize_int8(torch.from_numpy(tokens)).numpy()
+        logits = server.run(["logits"], {"tokens": sent, "mask": with_cls(keep).numpy()})[0]
+        confidence.append(probs.max(-1).values.numpy())
+        exit_pred.append(probs.argmax(-1).numpy())
+        split_pred.append(logits.argmax(-1))
+        patches.append(keep.sum(-1).numpy())
+    confidence, exit_pred = np.concatenate(confidence), np.concatenate(exit_pred)
+    split_pred, patches = np.concatenate(split_pred), np.concatenate(patches)
+    exits = confidence >= threshold
+    pred = np.where(exits, exit_pred, split_pred)
+    return {
+        "accuracy_split": float((pred == labels).mean()),
+        "exit_rate": float(exits.mean()),
+        "accuracy_exit_head": float((exit_pred == labels).mean()),
+        "mean_patches_offloaded": float(patches[~exits].mean()) if (~exits).any() else 0.0,
+    }
+
+
+def measure_latency(paths: dict[str, Path], input_shape: tuple[int, ...], runs: int = 200, threads: int = 1,
+                    warmup: int = 10, seed: int = 0) -> dict[str, dict]:
+    """Batch-1 latency of each ONNX file, interleaved run by run so drift hits all alike.
+
+    input_shape: (1, C, H, W). Returns per name {"p50_ms", "p90_ms", "p99_ms"}.
+    """
+    x = np.random.default_rng(seed).normal(size=input_shape).astype(np.float32)
+    sessions = {name: _session(path, threads) for name, path in paths.items()}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for i in range(warmup + runs):
+        for name, sess in sessions.items():
+            t0 = time.perf_counter()
+            sess.run(None, {"image": x})
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {f"p{q}_ms": round(float(np.percentile(t, q)), 4) for q in (50, 90, 99)} for name, t in times.items()}
+
+
+def cpu_signature() -> dict:
+    """This CPU, as recorded next to latency figures: {"machine", "model"} (the edge computes the same)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get("model name") or fields.get("Model") or fields.get("CPU part", "")
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "model": model or platform.processor()}
+
+
+def add_int8_device_half(out_dir: Path, device_path: Path, server_path: Path, calibration: np.ndarray,
+                         labels: np.ndarray, threshold: float, mass: float, budget: int,
+                         options: QuantizeOptions = QuantizeOptions()) -> dict:
+    """Quantize, evaluate and time; write ``out_dir/device.int8.onnx`` and return the manifest fields.
+
+    calibration: normalized canvases float32 (N, C, H, W) of the calibration split with their labels (N,).
+    Returns {"file": {path, quantization}, "device_variants": {...}} for the manifest.
+    """
+    out_dir = Path(out_dir)
+    input_shape = (1, *calibration.shape[1:])
+    ranges = calibration[:options.calibration_canvases]
+    float_eval = evaluate_device_half(device_path, server_path, calibration, labels, threshold, mass, budget)
+    candidates, files = [], {"float": device_path}
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        for fmt in options.formats:
+            path = Path(tmp) / f"device.{fmt.lower()}.onnx"
+            t0 = time.perf_counter()
+            quantize_device_half(device_path, path, ranges, fmt, options.per_channel)
+            log.info("quantized the device half (%s, per_channel=%s) in %.1f s", fmt, options.per_channel,
+                     time.perf_counter() - t0)
+            files[fmt] = path
+            metrics = evaluate_device_half(path, server_path, calibration, labels, threshold, mass, budget)
+            eligible = metrics["accuracy_split"] >= float_eval["accuracy_split"] - options.max_accuracy_drop
+            candidates.append({"format": fmt, "per_channel": options.per_channel, "bytes": path.stat().st_size,
+                               "eligible": bool(eligible), **metrics})
+        latency = measure_latency(files, input_shape, runs=options.latency_runs)
+        for c in candidates:
+            c.update(latency[c["format"]])
+        eligible = [c for c in candidates if c["eligible"]]
+        best = min(eligible, key=lambda c: c["p50_ms"]) if eligible else max(candidates, key=lambda c: c["accuracy_split"])
+        os.replace(files[best["format"]], out_dir / INT8_FILE)
+    float_row = {**float_eval, **latency["float"], "bytes": Path(device_path).stat().st_size}
+    ratio = best["p50_ms"] / float_row["p50_ms"]
+    faster = "int8" if ratio < 1.0 else "float"
+    auto_choice = "int8" if best["eligible"] and ratio <= MIN_SPEEDUP else "float"
+    for c in candidates:
+        log.info("%-9s p50 %.3f ms (float %.3f ms), split accuracy %.4f (float %.4f), exit rate %.3f (float %.3f)%s",
+                 c["format"], c["p50_ms"], float_row["p50_ms"], c["accuracy_split"], float_row["accuracy_split"],
+                 c["exit_rate"], float_row["exit_rate"], "" if c["eligible"] else "  [accuracy drop too large]")
+    return {
+        "file": {"path": INT8_FILE, "quantization": {
+            "format": best["format"], "per_channel": options.per_channel, "weights": "int8", "activations": "uint8",
+            "method": "static MinMax", "calibration_canvases": len(ranges), "onnxruntime": ort.__version__}},
+        "device_variants": {
+            "evaluated_on": {"split": "calibration", "canvases": len(calibration), "threshold": threshold},
+            "measured_on": {**cpu_signature(), "onnxruntime": ort.__version__, "intra_op_threads": 1,
+                            "allow_spinning": False, "runs": options.latency_runs},
+            "float": float_row,
+            "int8": dict(best),
+            "candidates": candidates,
+            "latency_ratio_int8_over_float": round(ratio, 4),
+            "max_accuracy_drop": options.max_accuracy_drop,
+            "faster": faster,
+            "min_speedup_for_auto": MIN_SPEEDUP,
+            "auto_choice": auto_choice,
+        },
+    }
