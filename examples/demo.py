@@ -119,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, default=None, help="test canvases (default: all 2,000)")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, edge and server")
     parser.add_argument("--timeout-ms", type=float, default=2000.0)
+    parser.add_argument("--device-profile", default="laptop", help="energy profile of the device (pi4, pi5, laptop)")
+    parser.add_argument("--link", default="wifi", help="energy profile of the link (wifi, lte, ethernet)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from splitinfer.edge.energy import EnergyModel, energy_label, full_model_mj
+    from splitinfer.edge.preprocess import preprocess
     from splitinfer.edge.runner import EdgeRunner
     from splitinfer.edge.session import DeviceSession, SessionOptions
     from splitinfer.edge.transport import GrpcTransport
@@ -146,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         session = DeviceSession.from_manifest(manifest, SessionOptions(intra_op_threads=args.threads))
         with GrpcTransport(address, timeout_s=args.timeout_ms / 1e3) as transport:
-            runner = EdgeRunner(session, transport, manifest)
+            energy = EnergyModel.named(args.device_profile, args.link)
+            runner = EdgeRunner(session, transport, manifest, energy=energy)
             runner.classify(images[0])  # warm-up: channel connect, first ORT runs
             results = [runner.classify(img) for img in images]
             exit_code = stop_server(proc)
@@ -156,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if proc.poll() is None:
             stop_server(proc)
 
+    full_mj, full_how = full_model_mj(manifest, session.run, preprocess(images[0], manifest.preprocessing),
+                                      runner.meter)
+    energy_mean = {k: float(np.mean([getattr(r.energy, k) for r in results]))
+                   for k in ("device_mj", "radio_mj", "server_mj", "total_mj")}
     decided = np.array([r.decided_on for r in results])
     pred = np.array([r.label for r in results])
     offloaded = decided == "server"
@@ -181,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         "after_server_stop": {"n": len(after_stop),
                               "degraded_or_device": sum(r.decided_on in ("degraded", "device") for r in after_stop),
                               "answered": sum(r.label is not None for r in after_stop)},
+        "energy_mj_per_request": energy_mean["total_mj"],
+        "energy_mj_per_request_split": {k[:-3]: energy_mean[k] for k in ("device_mj", "radio_mj", "server_mj")},
+        "energy_full_model_on_device_mj": full_mj,
+        "energy_ratio_to_full_model": energy_mean["total_mj"] / full_mj,
+        "energy_label": energy_label(energy_mean["total_mj"] / full_mj),
+        "energy_method": {"device": results[0].energy.method, "full_model": full_how},
+        "energy_profile": {"device": energy.device.name, "link": energy.link.name, "server": energy.server.name},
         "exit_threshold": manifest.exit_threshold,
         "selection": {"mass": manifest.selection_mass, "budget": manifest.selection_budget},
         "codec": {"encoding": manifest.encoding, "compression": manifest.compression},
@@ -212,6 +228,11 @@ def print_table(r: dict) -> None:
         ("full model local p50 ms", f"{r['full_model_local_ms_p50']:.2f}"),
         ("end to end p50 ms (all / offloaded)", f"{r['end_to_end_ms_p50']:.2f} / {r['end_to_end_offload_ms_p50']:.2f}"),
         ("after server stop: answered", f"{r['after_server_stop']['answered']}/{r['after_server_stop']['n']} (degraded or device)"),
+        ("energy per request, mJ (device/radio/server)",
+         f"{r['energy_mj_per_request']:.3f} ({' / '.join(f'{v:.3f}' for v in r['energy_mj_per_request_split'].values())})"),
+        ("energy label (vs whole model on device)",
+         f"{r['energy_label']} ({r['energy_ratio_to_full_model']:.2f} x {r['energy_full_model_on_device_mj']:.3f} mJ; "
+         f"{r['energy_profile']['device'].split(' (')[0]}, {r['energy_profile']['link'].split(' (')[0]})"),
     ]
     width = max(len(k) for k, _ in rows)
     print()

@@ -86,7 +86,10 @@ def test_manifest_codec_and_fp32_override(device_session, tiny_manifest, images)
     out = device_session.run(preprocess(images[0], tiny_manifest.preprocessing))
     np.testing.assert_array_equal(tokens, out.tokens[0][positions])
     default_codec = EdgeRunner(device_session, None, tiny_manifest).codec
-    assert default_codec == CodecConfig(tiny_manifest.encoding, tiny_manifest.compression)
+    assert (default_codec.encoding, default_codec.compression) == (tiny_manifest.encoding, tiny_manifest.compression)
+    for key in ("group_size", "scale_dtype"):
+        if key in tiny_manifest.data["codec"]:
+            assert getattr(default_codec, key) == tiny_manifest.data["codec"][key]
 
 
 @pytest.mark.parametrize("error", [ServerUnavailable("UNAVAILABLE: connection refused"), RuntimeError("boom")])

@@ -1,0 +1,362 @@
+"""The budget controller on the real test inputs under a changing bandwidth, no network needed.
+
+    .venv/bin/python benchmarks/budget_controller.py [--model artifacts/model] [--requests 10000]
+
+1. Every test canvas (``make_split("test")``, 2,000) goes through the real edge pipeline once per
+   operating point in the model folder's manifest: the device half in ONNX Runtime, the exit
+   decision, token selection, the codec (encode, serialise the InferRequest, decode) and the server
+   half in ONNX Runtime on the decoded tokens. Per (point, input): correct?, request bytes, tokens.
+2. 10,000 requests draw inputs from the test set (seeded); the available bandwidth follows a
+   generated Markov trace between 0.2 and 20 Mbit/s with an RTT that rises as it falls. Latency of
+   an offload = device ms + RTT + bytes / bandwidth + server ms; energy from the pi4 + Wi-Fi profiles.
+3. Runs: unconstrained (no constraint: the manifest's default point), bytes budgets at 25%, 50% and 100% of its mean
+   bytes per request, and a mean-latency limit that the controller meets by reacting to the trace.
+   Each budget run is reported next to the best static point whose mean bytes on the same requests
+   stay within the budget.
+
+Prints a table, writes ``benchmarks/results/budget_controller.json`` and ``.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("budget_controller")
+
+RESPONSE_BYTES = 64  # an InferResponse with 10 probabilities, a request id and timings
+
+
+@dataclass
+class Outcomes:
+    """Per operating point p and test input i: correct[p, i], bytes[p, i] (0 = exited), tokens[p, i]."""
+
+    correct: np.ndarray  # bool (P, n)
+    bytes: np.ndarray  # int64 (P, n)
+    tokens: np.ndarray  # int64 (P, n)
+    device_ms: np.ndarray  # float64 (n,), device half + preprocessing, batch 1
+    confidence: np.ndarray  # float64 (n,), the exit head's max probability
+    server_ms: float  # median server half time on one request
+
+
+def load_sessions(manifest, threads: int = 1):
+    import onnxruntime as ort
+
+    from splitinfer.edge.session import DeviceSession, SessionOptions
+
+    device = DeviceSession.from_manifest(manifest, SessionOptions(intra_op_threads=threads))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    server = ort.InferenceSession(str(manifest.server_path), opts, providers=["CPUExecutionProvider"])
+    return device, server
+
+
+def device_pass(manifest, device, images: np.ndarray, timed: int = 500):
+    """Device half on every image: exit probabilities (n, K), tokens (n, N, d), importance (n, P),
+    and per-input device ms (the first ``timed`` inputs measured at batch 1, the rest resampled)."""
+    from splitinfer.edge.preprocess import preprocess
+    from splitinfer.edge.runner import softmax
+
+    x = preprocess(images, manifest.preprocessing)
+    exit_logits, tokens, importance = [], [], []
+    for start in range(0, len(x), 250):
+        out = device.run(x[start:start + 250])
+        exit_logits.append(out.exit_logits)
+        tokens.append(out.tokens)
+        importance.append(out.importance)
+    exit_logits = np.concatenate(exit_logits)
+    probs = np.stack([softmax(row) for row in exit_logits])
+    ms = []
+    for img in images[:timed]:
+        t0 = time.perf_counter()
+        device.run(preprocess(img, manifest.preprocessing))
+        ms.append((time.perf_counter() - t0) * 1e3)
+    ms = np.asarray(ms)
+    device_ms = np.resize(ms, len(images))
+    return probs, np.concatenate(tokens), np.concatenate(importance), device_ms
+
+
+def offload_outcomes(runner, server, tokens, importance, point):
+    """Server predictions, request bytes and token counts if every input were offloaded at ``point``:
+    the runner's own selection and codec build the InferRequest, which is decoded as the server would."""
+    from splitinfer.protos.codec import PacketLimits, decode_tokens
+
+    manifest = runner.manifest
+    limits = PacketLimits.for_manifest(manifest)
+    n = len(tokens)
+    preds = np.zeros(n, dtype=np.int64)
+    nbytes = np.zeros(n, dtype=np.int64)
+    ntokens = np.zeros(n, dtype=np.int64)
+    groups: dict[int, list] = {}
+    for i in range(n):
+        request = runner.build_request(tokens[i], importance[i], "0" * 32, point)
+        nbytes[i], ntokens[i] = request.ByteSize(), request.packet.num_tokens
+        values, positions = decode_tokens(request.packet, limits)
+        groups.setdefault(len(positions), []).append((i, values))
+    for group in groups.values():  # one batch per token count: no padding
+        batch = np.stack([values for _, values in group]).astype(np.float32)
+        logits = server.run(None, {"tokens": batch, "mask": np.ones(batch.shape[:2], dtype=bool)})[0]
+        for (i, _), row in zip(group, logits):
+            preds[i] = int(np.argmax(row))
+    return preds, nbytes, ntokens
+
+
+def precompute(manifest, points, images, labels, threads: int = 1) -> Outcomes:
+    from splitinfer.edge.runner import EdgeRunner
+
+    device, server = load_sessions(manifest, threads)
+    runner = EdgeRunner(device, None, manifest)
+    probs, tokens, importance, device_ms = device_pass(manifest, device, images)
+    confidence, exit_pred = probs.max(axis=1), probs.argmax(axis=1)
+    cache: dict[tuple, tuple] = {}
+    correct = np.zeros((len(points), len(images)), dtype=bool)
+    nbytes = np.zeros((len(points), len(images)), dtype=np.int64)
+    ntokens = np.zeros_like(nbytes)
+    for p, point in enumerate(points):
+        key = (point.mass, point.budget, point.encoding, point.group_size)
+        if key not in cache:
+            cache[key] = offload_outcomes(runner, server, tokens, importance, point)
+        preds, b, t = cache[key]
+        offloaded = confidence < point.threshold
+        correct[p] = np.where(offloaded, preds, exit_pred) == labels
+        nbytes[p] = np.where(offloaded, b, 0)
+        ntokens[p] = np.where(offloaded, t, 0)
+    log.info("%d operating points x %d inputs (%d distinct selection/codec settings)",
+             len(points), len(images), len(cache))
+    server_ms = []
+    for i in range(min(200, len(images))):
+        t0 = time.perf_counter()
+        server.run(None, {"tokens": tokens[i:i + 1, :17], "mask": np.ones((1, 17), dtype=bool)})
+        server_ms.append((time.perf_counter() - t0) * 1e3)
+    return Outcomes(correct, nbytes, ntokens, device_ms, confidence, float(np.median(server_ms)))
+
+
+def bandwidth_trace(n: int, seed: int, low_bps: float = 0.2e6, high_bps: float = 20e6,
+                    mean_dwell: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Markov trace: log-bandwidth steps between 12 levels in [low, high], each held for a geometric
+    number of requests (mean ``mean_dwell``), with 10% jitter; RTT = 8 ms + 40 ms / sqrt(Mbit/s)."""
+    rng = np.random.default_rng(seed)
+    levels = np.geomspace(low_bps, high_bps, 12)
+    state = int(rng.integers(len(levels)))
+    bw = np.empty(n)
+    t = 0
+    while t < n:
+        dwell = int(rng.geometric(1.0 / mean_dwell))
+        bw[t:t + dwell] = levels[state]
+        t += dwell
+        state = int(np.clip(state + rng.choice([-3, -2, -1, 1, 2, 3]), 0, len(levels) - 1))
+    bw = bw * np.exp(rng.normal(0.0, 0.1, n))
+    bw = np.clip(bw, low_bps, high_bps)
+    rtt = 8.0 + 40.0 / np.sqrt(bw / 1e6)
+    return bw, rtt
+
+
+def simulate(points, outcomes: Outcomes, draws: np.ndarray, bw: np.ndarray, rtt: np.ndarray, energy,
+             constraints=None, static: int | None = None, v: float = 100.0, **options) -> dict:
+    """Run ``draws`` through the controller (or always point ``static``); per-request arrays."""
+    from splitinfer.edge.controller import BudgetController, Constraints, LinkEstimate, RequestCost
+
+    controller = None
+    if static is None:
+        controller = BudgetController(points, constraints or Constraints(), energy=energy, v=v, **options)
+    index = {p.id: i for i, p in enumerate(points)}
+    n = len(draws)
+    chosen = np.empty(n, dtype=np.int64)
+    sent = np.empty(n)
+    correct = np.empty(n, dtype=bool)
+    latency = np.empty(n)
+    energy_mj = np.empty(n)
+    for t, i in enumerate(draws):
+        if controller is not None:
+            controller.link.set(LinkEstimate(bw[t], rtt[t]))
+            p = index[controller.choose().id]
+        else:
+            p = static
+        b = outcomes.bytes[p, i]
+        round_trip = (rtt[t] + 8e3 * (b + RESPONSE_BYTES) / bw[t] + outcomes.server_ms) if b else 0.0
+        chosen[t], sent[t], correct[t] = p, b, outcomes.correct[p, i]
+        latency[t] = outcomes.device_ms[i] + round_trip
+        energy_mj[t] = energy.estimate(energy.device_mj(outcomes.device_ms[i] / 1e3), b, RESPONSE_BYTES if b else 0,
+                                       round_trip / 1e3, outcomes.server_ms / 1e3 if b else 0.0).total_mj
+        if controller is not None:
+            controller.observe_confidence(outcomes.confidence[i], outcomes.device_ms[i])
+            controller.update(points[p], RequestCost(b, latency[t], energy_mj[t], points[p].accuracy))
+    return {"point": chosen, "bytes": sent, "correct": correct, "latency_ms": latency, "energy_mj": energy_mj}
+
+
+def summary(run: dict, points) -> dict:
+    counts = np.bincount(run["point"], minlength=len(points))
+    return {
+        "mean_bytes_per_request": float(run["bytes"].mean()),
+        "accuracy": float(run["correct"].mean()),
+        "mean_latency_ms": float(run["latency_ms"].mean()),
+        "mean_energy_mj": float(run["energy_mj"].mean()),
+        "offload_rate": float((run["bytes"] > 0).mean()),
+        "point_share": {points[k].id: round(float(c) / len(run["point"]), 4) for k, c in enumerate(counts) if c},
+    }
+
+
+def table_static(statics: list[dict], points, budget: float) -> dict | None:
+    """What a user would pick from the table alone: the most accurate point whose table mean bytes
+    fit the budget, with what it really spent on these requests."""
+    fits = [k for k, p in enumerate(points) if p.mean_bytes_per_request <= budget]
+    if not fits:
+        return None
+    k = max(fits, key=lambda k: (points[k].accuracy, -points[k].mean_bytes_per_request))
+    s = statics[k]
+    return {"id": points[k].id, "accuracy": s["accuracy"], "mean_bytes_per_request": s["mean_bytes_per_request"],
+            "ratio": s["mean_bytes_per_request"] / budget}
+
+
+def best_static(statics: list[dict], points, budget: float, key: str = "mean_bytes_per_request") -> dict | None:
+    """In hindsight: the most accurate single point whose mean on the same requests stays within ``budget``."""
+    fits = [(s["accuracy"], -s[key], k) for k, s in enumerate(statics) if s[key] <= budget]
+    if not fits:
+        return None
+    _, _, k = max(fits)
+    return {"id": points[k].id, **{f: statics[k][f] for f in ("accuracy", key)}}
+
+
+def plot(path: Path, runs: dict, budgets: dict, window: int = 500) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(10, 10), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c, (name, run) in enumerate(runs.items()):
+        n = len(run["bytes"])
+        t = np.arange(1, n + 1)
+        color = colors[c % len(colors)]
+        axes[0].plot(t, np.cumsum(run["bytes"]) / t, color=color, label=name)
+        if name in budgets:
+            axes[0].axhline(budgets[name], color=color, linestyle=":", linewidth=1)
+        kernel = np.ones(window) / window
+        axes[1].plot(t[window - 1:], np.convolve(run["correct"], kernel, mode="valid"), color=color, label=name)
+    axes[0].set_ylabel("running mean bytes / request")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    axes[1].set_ylabel(f"accuracy ({window}-request window)")
+    trace = runs[next(iter(runs))]
+    axes[2].plot(np.arange(1, len(trace["bw"]) + 1), trace["bw"] / 1e6, color="gray")
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("bandwidth (Mbit/s)")
+    axes[2].set_xlabel("request")
+    fig.suptitle("Budget controller: bytes budgets and accuracy over time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "artifacts" / "model")
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--n-test", type=int, default=None, help="test canvases (default: all 2,000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--v", type=float, default=100.0, help="drift-plus-penalty weight V")
+    parser.add_argument("--device-profile", default="pi4")
+    parser.add_argument("--link", default="wifi")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "budget_controller.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from splitinfer.edge.controller import Constraints, OperatingPoint, default_point
+    from splitinfer.edge.energy import EnergyModel
+    from splitinfer.export.data import make_split
+    from splitinfer.protos import load_manifest
+
+    t_start = time.perf_counter()
+    manifest = load_manifest(args.model)
+    points = OperatingPoint.from_manifest(manifest)
+    images, labels = make_split("test", n=args.n_test)
+    log.info("%d operating points, %d test canvases", len(points), len(images))
+    outcomes = precompute(manifest, points, images, labels)
+    t_pre = time.perf_counter() - t_start
+    energy = EnergyModel.named(args.device_profile, args.link)
+
+    rng = np.random.default_rng(args.seed)
+    draws = rng.integers(0, len(images), args.requests)
+    bw, rtt = bandwidth_trace(args.requests, args.seed)
+
+    statics = [summary(simulate(points, outcomes, draws, bw, rtt, energy, static=k), points) for k in range(len(points))]
+    runs: dict[str, dict] = {}
+    rows = []
+    unconstrained = simulate(points, outcomes, draws, bw, rtt, energy, v=args.v, default=default_point(manifest, points))
+    runs["unconstrained"] = unconstrained
+    base = summary(unconstrained, points)
+    rows.append({"run": "unconstrained", "limit": None, **base, "ratio": None, "best_static": None})
+    budgets = {}
+    for share in (0.25, 0.50, 1.00):
+        budget = share * base["mean_bytes_per_request"]
+        name = f"bytes {share:.0%}"
+        budgets[name] = budget
+        run = simulate(points, outcomes, draws, bw, rtt, energy, Constraints(max_bytes=budget), v=args.v)
+        runs[name] = run
+        s = summary(run, points)
+        rows.append({"run": name, "limit": budget, **s, "ratio": s["mean_bytes_per_request"] / budget,
+                     "best_static": best_static(statics, points, budget),
+                     "table_static": table_static(statics, points, budget)})
+    device_only = float(outcomes.device_ms[draws].mean())
+    latency_limit = device_only + 0.5 * (base["mean_latency_ms"] - device_only)  # halfway to never offloading
+    run = simulate(points, outcomes, draws, bw, rtt, energy, Constraints(max_latency_ms=latency_limit), v=args.v)
+    runs["latency"] = run
+    s = summary(run, points)
+    rows.append({"run": "latency", "limit": latency_limit, **s, "ratio": s["mean_latency_ms"] / latency_limit,
+                 "best_static": best_static(statics, points, latency_limit, key="mean_latency_ms")})
+    for run in runs.values():
+        run["bw"] = bw
+
+    print_table(rows)
+    report = {
+        "model": {"name": manifest.name, "version": manifest.version, "manifest_sha256": manifest.sha256},
+        "requests": args.requests, "n_test": len(images), "seed": args.seed, "v": args.v,
+        "energy_profile": {"device": energy.device.name, "link": energy.link.name, "server": energy.server.name},
+        "trace": {"kind": "markov, 12 log-spaced levels", "bandwidth_mbps_min": float(bw.min() / 1e6),
+                  "bandwidth_mbps_max": float(bw.max() / 1e6), "bandwidth_mbps_median": float(np.median(bw) / 1e6)},
+        "server_ms": outcomes.server_ms, "device_ms_p50": float(np.median(outcomes.device_ms)),
+        "operating_points": [{**p.to_dict(), "test": statics[k]} for k, p in enumerate(points)],
+        "runs": rows,
+        "within_2_percent": {r["run"]: abs(r["ratio"] - 1) <= 0.02 for r in rows if r["run"].startswith("bytes")},
+        "precompute_seconds": round(t_pre, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    png = args.out.with_suffix(".png")
+    plot(png, runs, budgets)
+    print(f"\nwrote {args.out} and {png}")
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (f"{'run':<14} {'limit':>9} {'mean':>9} {'ratio':>7} {'accuracy':>9} {'offload':>8}   "
+            f"best static point within the limit, in hindsight | picked from the table (its ratio)")
+    print()
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        unit_mean = r["mean_latency_ms"] if r["run"].startswith("latency") else r["mean_bytes_per_request"]
+        limit = "-" if r["limit"] is None else f"{r['limit']:.1f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        static = r["best_static"]
+        static_text = "-" if static is None else f"{static['id']} (accuracy {static['accuracy']:.4f})"
+        table = r.get("table_static")
+        if table is not None:
+            static_text += f" | {table['id']} (accuracy {table['accuracy']:.4f}, ratio {table['ratio']:.3f})"
+        if r["run"] == "unconstrained":
+            static_text = "the manifest's default point: " + max(r["point_share"], key=r["point_share"].get)
+        print(f"{r['run']:<14} {limit:>9} {unit_mean:>9.1f} {ratio:>7} {r['accuracy']:>9.4f} "
+              f"{r['offload_rate']:>7.1%}   {static_text}")
+    print("(bytes runs: mean bytes per request; latency run: mean latency in ms)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
