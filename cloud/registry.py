@@ -119,7 +119,7 @@ def load_model(folder: str | Path, config: RuntimeConfig = RuntimeConfig()) -> L
     model = LoadedModel(
         manifest=manifest,
         session=session,
-        packet_limits=PacketLimits(dim=manifest.dim, max_position=manifest.num_tokens),
+        packet_limits=PacketLimits.for_manifest(manifest),
     )
     # A CLS-only warm-up: catches graphs that load but do not run, and takes first-call costs now.
     try:
@@ -135,21 +135,27 @@ def load_model(folder: str | Path, config: RuntimeConfig = RuntimeConfig()) -> L
 
 
 class ModelRegistry:
-    """Served models keyed by manifest name; ``get`` checks the edge's manifest sha256."""
+    """Served models keyed by manifest name and manifest sha256: several versions of a name at once.
+
+    ``get(name, sha256)`` picks the version the edge holds, so edges on an older export keep working
+    while newer ones roll out. The same export (same name and sha256) served from two folders is an
+    error: it would be ambiguous which folder answers.
+    """
 
     def __init__(self, models: Iterable[LoadedModel]) -> None:
-        by_name: dict[str, LoadedModel] = {}
+        by_name: dict[str, dict[str, LoadedModel]] = {}
         for model in models:
-            if model.name in by_name:
+            versions = by_name.setdefault(model.name, {})
+            twin = versions.get(model.manifest.sha256)
+            if twin is not None:
                 raise ValueError(
-                    f"model name {model.name!r} is served from two folders: "
-                    f"{by_name[model.name].manifest.folder} and {model.manifest.folder}; "
-                    "give each model folder a distinct manifest name"
+                    f"model name {model.name!r} is served from two folders with the same manifest: "
+                    f"{twin.manifest.folder} and {model.manifest.folder}; serve each export once"
                 )
-            by_name[model.name] = model
+            versions[model.manifest.sha256] = model
         if not by_name:
             raise ValueError("a ModelRegistry needs at least one model")
-        self._models = dict(sorted(by_name.items()))
+        self._by_name = dict(sorted(by_name.items()))
 
     @classmethod
     def from_folders(cls, folders: Iterable[str | Path], config: RuntimeConfig = RuntimeConfig()) -> ModelRegistry:
@@ -159,30 +165,36 @@ class ModelRegistry:
     @property
     def names(self) -> tuple[str, ...]:
         """Served model names, sorted."""
-        return tuple(self._models)
+        return tuple(self._by_name)
+
+    def versions(self, name: str) -> tuple[LoadedModel, ...]:
+        """Every served export of ``name`` (empty when the name is not served)."""
+        return tuple(self._by_name.get(name, {}).values())
 
     def __len__(self) -> int:
-        return len(self._models)
+        return sum(len(versions) for versions in self._by_name.values())
 
     def __iter__(self) -> Iterator[LoadedModel]:
-        return iter(self._models.values())
+        return (model for versions in self._by_name.values() for model in versions.values())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._models
+        return name in self._by_name
 
     def get(self, name: str, manifest_sha256: str) -> LoadedModel:
-        """The model ``name`` if the edge's manifest sha256 matches the served one.
+        """The export of model ``name`` whose manifest sha256 is the edge's.
 
-        Raises ModelNotFound (unknown name) or ManifestMismatch (a different export of that name).
+        Raises ModelNotFound (unknown name) or ManifestMismatch (no served export of that name has
+        the edge's manifest).
         """
-        model = self._models.get(name)
-        if model is None:
+        versions = self._by_name.get(name)
+        if versions is None:
             raise ModelNotFound(f"model {name!r} is not served here; served models: {', '.join(self.names)}")
-        served = model.manifest.sha256
-        if manifest_sha256.strip().lower() != served:
+        model = versions.get(manifest_sha256.strip().lower())
+        if model is None:
             sent = manifest_sha256[:64] or "<empty>"
+            served = ", ".join(f"{m.version} (sha256 {m.manifest.sha256})" for m in versions.values())
             raise ManifestMismatch(
-                f"the edge's manifest for model {name!r} (sha256 {sent}) differs from the served version "
-                f"{model.version} (sha256 {served}); deploy the same model folder on the edge and the server"
+                f"the edge's manifest for model {name!r} (sha256 {sent}) differs from the served version(s) "
+                f"{served}; deploy the same model folder on the edge and the server"
             )
         return model

@@ -1,7 +1,11 @@
 """One inference request, without gRPC: validate, look up the model, decode, run, softmax.
 
-The gRPC servicer is a thin wrapper around :func:`run_request`; everything here is testable with
-plain protobuf messages. Every failure is a :class:`~splitinfer.protos.errors.SplitInferError`.
+The gRPC servicer calls :func:`route_request`, hands the packet to the model's batcher (which
+decodes it and runs the server half and :func:`probabilities_from_logits` on a whole batch, off
+the event loop) and answers with
+:func:`build_response`; :func:`run_request` is the same path for a batch of one. Everything here
+is testable with plain protobuf messages. Every failure is a
+:class:`~splitinfer.protos.errors.SplitInferError`.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from splitinfer.protos import splitinfer_pb2 as pb
 
 from .registry import LoadedModel
 
-__all__ = ["MAX_REQUEST_ID_CHARS", "ModelLookup", "validate_request", "softmax", "run_request"]
+__all__ = ["MAX_REQUEST_ID_CHARS", "ModelLookup", "validate_request", "softmax", "route_request", "decode_request",
+           "probabilities_from_logits", "build_response", "run_request"]
 
 MAX_REQUEST_ID_CHARS = 128
 
@@ -53,45 +58,86 @@ def _elapsed_ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
 
 
-def run_request(
-    registry: ModelLookup, request: pb.InferRequest, *, received_at: float | None = None
-) -> pb.InferResponse:
-    """Finish one request on the server half.
+def route_request(registry: ModelLookup, request: pb.InferRequest, max_tokens: int | None = None) -> LoadedModel:
+    """Validate ``request``'s own fields and find the export it names (the packet is not decoded yet).
 
-    ``received_at`` is the ``time.perf_counter()`` value when the request arrived (default: now);
-    ``timings.total_ms`` counts from it. Raises InvalidPacket (bad request or packet), ModelNotFound,
-    ManifestMismatch, or ServerInternalError (the server half gave unusable logits).
+    ``max_tokens`` (None = the model's sequence length) caps the tokens one request may carry.
+    Raises InvalidPacket, ModelNotFound or ManifestMismatch.
     """
-    start = time.perf_counter() if received_at is None else received_at
     validate_request(request)
     model = registry.get(request.model, request.manifest_sha256)
+    if max_tokens is not None and request.packet.num_tokens > max_tokens:
+        raise InvalidPacket(f"num_tokens {request.packet.num_tokens} exceeds this server's limit of {max_tokens} "
+                            "tokens per request")
+    return model
 
-    decode_start = time.perf_counter()
+
+def decode_request(
+    registry: ModelLookup, request: pb.InferRequest, max_tokens: int | None = None
+) -> tuple[LoadedModel, np.ndarray]:
+    """:func:`route_request`, then decode the packet: (model, tokens float32 (K, d)); InvalidPacket if bad."""
+    model = route_request(registry, request, max_tokens)
     tokens, _positions = decode_tokens(request.packet, model.packet_limits)  # (K, d) float32, (K,) int64
-    decode_ms = _elapsed_ms(decode_start)
+    return model, tokens
 
-    compute_start = time.perf_counter()
-    batch = tokens[None]  # (1, K, d)
-    mask = np.ones(batch.shape[:2], dtype=np.bool_)  # (1, K), every token real
-    logits = model.run(batch, mask)  # (1, C)
-    compute_ms = _elapsed_ms(compute_start)
 
-    if logits.shape != (1, model.num_classes):
+def probabilities_from_logits(model: LoadedModel, logits: np.ndarray, rows: int) -> np.ndarray:
+    """logits float32 (rows, C) from the server half -> probabilities float32 (rows, C).
+
+    A row with a non-finite logit becomes a row of NaN (its request is answered INTERNAL by
+    :func:`build_response`); a logits array of the wrong shape raises ServerInternalError.
+    """
+    if logits.shape != (rows, model.num_classes):
         raise ServerInternalError(
             f"model {model.name!r}: server half returned logits of shape {logits.shape}, "
-            f"expected (1, {model.num_classes})"
+            f"expected ({rows}, {model.num_classes})"
         )
-    if not np.all(np.isfinite(logits)):
-        raise ServerInternalError(f"model {model.name!r}: server half returned non-finite logits")
-    probabilities = softmax(logits[0]).astype(np.float32)  # (C,)
+    probabilities = softmax(logits).astype(np.float32)  # (rows, C)
+    finite = np.isfinite(logits).all(axis=-1)
+    if not finite.all():
+        probabilities[~finite] = np.nan
+    return probabilities
 
+
+def build_response(
+    request: pb.InferRequest, model: LoadedModel, probabilities: np.ndarray, *,
+    decode_ms: float, compute_ms: float, received_at: float,
+) -> pb.InferResponse:
+    """probabilities float32 (C,) for one request -> InferResponse; ServerInternalError if not finite."""
+    if not np.isfinite(probabilities).all():
+        raise ServerInternalError(f"model {model.name!r}: server half returned non-finite logits")
     response = pb.InferResponse(
         request_id=request.request_id,
         probabilities=probabilities.tolist(),
         label=int(np.argmax(probabilities)),
         model_version=model.version,
     )
-    response.timings.decode_ms = decode_ms
-    response.timings.compute_ms = compute_ms
-    response.timings.total_ms = _elapsed_ms(start)
+    timings = response.timings
+    timings.decode_ms = decode_ms
+    timings.compute_ms = compute_ms
+    timings.total_ms = _elapsed_ms(received_at)
     return response
+
+
+def run_request(
+    registry: ModelLookup, request: pb.InferRequest, *, received_at: float | None = None
+) -> pb.InferResponse:
+    """Finish one request on the server half, alone (a batch of one), without gRPC.
+
+    ``received_at`` is the ``time.perf_counter()`` value when the request arrived (default: now);
+    ``timings.total_ms`` counts from it. Raises InvalidPacket (bad request or packet), ModelNotFound,
+    ManifestMismatch, or ServerInternalError (the server half gave unusable logits).
+    """
+    start = time.perf_counter() if received_at is None else received_at
+    decode_start = time.perf_counter()
+    model, tokens = decode_request(registry, request)
+    decode_ms = _elapsed_ms(decode_start)
+
+    compute_start = time.perf_counter()
+    batch = tokens[None]  # (1, K, d)
+    mask = np.ones(batch.shape[:2], dtype=np.bool_)  # (1, K), every token real
+    logits = model.run(batch, mask)  # (1, C)
+    probabilities = probabilities_from_logits(model, logits, rows=1)  # (1, C)
+    compute_ms = _elapsed_ms(compute_start)
+    return build_response(request, model, probabilities[0], decode_ms=decode_ms, compute_ms=compute_ms,
+                          received_at=start)

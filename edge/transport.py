@@ -4,11 +4,18 @@
 (a queue, a batching proxy) plug in without the network. ``GrpcTransport`` puts a deadline on every
 call, sets message size limits explicitly (the same ones the server uses), optionally retries
 ``UNAVAILABLE`` only, and raises the project's exceptions, never a raw ``grpc.RpcError``.
+
+Scale-out: given several server addresses, one channel spreads calls over all of them with gRPC's
+``round_robin`` policy; a server that goes away is skipped, and a call it fails with UNAVAILABLE
+is retried on another (within the same deadline). TLS, mutual TLS and a bearer token are options.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import socket
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import grpc
@@ -18,7 +25,7 @@ from splitinfer.protos import splitinfer_pb2 as pb
 from splitinfer.protos import splitinfer_pb2_grpc
 from splitinfer.protos.errors import ServerUnavailable, from_rpc_error
 
-__all__ = ["Transport", "GrpcTransport"]
+__all__ = ["Transport", "GrpcTransport", "channel_target", "split_targets"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,48 +44,63 @@ class Transport(Protocol):
 
 
 class GrpcTransport:
-    """A gRPC channel to ``splitinfer.v1.SplitInference``.
+    """A gRPC channel to ``splitinfer.v1.SplitInference`` on one server or spread over several.
 
-    target: "host:port" (or any gRPC target URI). timeout_s: deadline of each call, seconds.
-    max_message_bytes: send and receive limit, bytes. credentials: TLS channel credentials
-    (``grpc.ssl_channel_credentials(...)``); None for a plaintext channel. max_attempts: 1 = no
-    retry; 2..5 = retry calls that fail with UNAVAILABLE, within the same deadline.
-    wait_for_ready: queue calls while the channel connects instead of failing fast (the deadline
-    still bounds them).
+    target: "host:port", a gRPC target URI, a comma-separated list, or a sequence of "host:port"
+    (several -> one round-robin channel over all of them; see :func:`channel_target`). timeout_s:
+    deadline of each call, seconds. max_message_bytes: send and receive limit, bytes.
+    credentials: TLS channel credentials (``grpc.ssl_channel_credentials(...)``, with a client
+    certificate for mutual TLS); None for a plaintext channel. tls_server_name: the name the
+    server certificate is checked against when it differs from the target's host (always needed
+    when several IP addresses share one certificate issued for a name). auth_token: sent as
+    ``authorization: Bearer <token>`` with every call. max_attempts: 1 = no retry; 2..5 = retry
+    calls that fail with UNAVAILABLE, within the same deadline (None: 1 for one server, 3 for
+    several). wait_for_ready: queue calls while the channel connects instead of failing fast (the
+    deadline still bounds them).
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         timeout_s: float = 1.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
-        max_attempts: int = 1,
+        max_attempts: int | None = None,
         wait_for_ready: bool = False,
+        auth_token: str | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
-        if not isinstance(target, str) or not target.strip():
-            raise ValueError(f"target must be a non-empty 'host:port', got {target!r}")
+        targets = split_targets(target)
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1:
             raise ValueError(f"max_message_bytes must be a positive integer, got {max_message_bytes!r}")
+        if max_attempts is None:
+            max_attempts = 1 if len(targets) == 1 else 3
         if not 1 <= max_attempts <= 5:
             raise ValueError(f"max_attempts must be in [1, 5], got {max_attempts}")
-        self.target = target
+        if auth_token is not None and (not auth_token.strip() or any(c.isspace() for c in auth_token.strip())):
+            raise ValueError("auth_token must be a non-empty string without whitespace")
+        self.targets = tuple(targets)
+        self.target = channel_target(targets)
         self.timeout_s = float(timeout_s)
         self.max_message_bytes = max_message_bytes
         self.max_attempts = max_attempts
         self.wait_for_ready = wait_for_ready
+        self._metadata = (("authorization", f"Bearer {auth_token.strip()}"),) if auth_token else None
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.service_config", _service_config(max_attempts, round_robin=len(targets) > 1)),
         ]
-        if max_attempts > 1:
-            options.append(("grpc.service_config", _retry_config(max_attempts)))
+        if max_attempts == 1:
+            options.append(("grpc.enable_retries", 0))
+        if tls_server_name:
+            options.append(("grpc.ssl_target_name_override", tls_server_name))
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(self.target, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            self._channel = grpc.secure_channel(self.target, credentials, options=options)
         self._stub = splitinfer_pb2_grpc.SplitInferenceStub(self._channel)
         self._closed = False
 
@@ -87,7 +109,8 @@ class GrpcTransport:
         if self._closed:
             raise ServerUnavailable(f"transport to {self.target} is closed")
         try:
-            return self._stub.Infer(request, timeout=self.timeout_s, wait_for_ready=self.wait_for_ready)
+            return self._stub.Infer(request, timeout=self.timeout_s, wait_for_ready=self.wait_for_ready,
+                                    metadata=self._metadata)
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
             logger.debug("Infer %s to %s failed: %s", request.request_id, self.target, error)
@@ -108,17 +131,76 @@ class GrpcTransport:
         return f"GrpcTransport({self.target!r}, timeout_s={self.timeout_s}, max_attempts={self.max_attempts})"
 
 
-def _retry_config(max_attempts: int) -> str:
-    """gRPC service config that retries UNAVAILABLE only (nothing else is safe to assume transient)."""
-    return json.dumps({
-        "methodConfig": [{
+def split_targets(target: str | Sequence[str]) -> list[str]:
+    """"a:1,b:2" or ["a:1", "b:2,c:3"] -> ["a:1", "b:2", "c:3"]; ValueError when empty."""
+    items = [target] if isinstance(target, str) else list(target)
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"a server target must be a string, got {item!r}")
+        if "://" in item or item.startswith(("ipv4:", "ipv6:", "unix:")):
+            out.append(item.strip())  # a gRPC target URI is passed through whole
+        else:
+            out.extend(part.strip() for part in item.split(",") if part.strip())
+    if not out or any(not t for t in out):
+        raise ValueError(f"target must be a non-empty 'host:port' or a list of them, got {target!r}")
+    return out
+
+
+def channel_target(targets: Sequence[str]) -> str:
+    """The gRPC target for one channel to all ``targets``.
+
+    One target is used as given (a ``dns:///name:port`` target with several address records is
+    spread by round_robin too). Several "host:port" become one ``ipv4:``/``ipv6:`` address list;
+    host names are resolved now, all their addresses included. ValueError on a bad address or on
+    a mix of IPv4 and IPv6.
+    """
+    if len(targets) == 1:
+        return targets[0]
+    addresses: list[tuple[int, str, int]] = []
+    for target in targets:
+        host, port = _host_port(target)
+        try:
+            ip = ipaddress.ip_address(host)
+            addresses.append((ip.version, str(ip), port))
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise ValueError(f"cannot resolve server {target!r}: {exc}") from exc
+            for info in infos:
+                ip = ipaddress.ip_address(info[4][0])
+                addresses.append((ip.version, str(ip), port))
+    versions = {v for v, _, _ in addresses}
+    if len(versions) > 1:
+        raise ValueError(f"servers {list(targets)} mix IPv4 and IPv6 addresses; use one family")
+    seen: dict[str, None] = {}
+    for version, ip, port in addresses:
+        seen[f"{ip}:{port}" if version == 4 else f"[{ip}]:{port}"] = None
+    return f"ipv{versions.pop()}:" + ",".join(seen)
+
+
+def _host_port(target: str) -> tuple[str, int]:
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"server {target!r} must be HOST:PORT when several servers are given")
+    return host.strip("[]"), int(port)
+
+
+def _service_config(max_attempts: int, round_robin: bool) -> str:
+    """gRPC service config: round_robin over the addresses, and retries of UNAVAILABLE only."""
+    config: dict = {}
+    if round_robin:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    if max_attempts > 1:
+        config["methodConfig"] = [{
             "name": [{"service": SERVICE_NAME}],
             "retryPolicy": {
                 "maxAttempts": max_attempts,
-                "initialBackoff": "0.05s",
-                "maxBackoff": "0.5s",
+                "initialBackoff": "0.01s",
+                "maxBackoff": "0.2s",
                 "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
         }]
-    })
+    return json.dumps(config)

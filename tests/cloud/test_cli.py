@@ -97,3 +97,59 @@ def test_import_loads_no_torch() -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_repository_sighup_reload_metrics_and_json_logs(tiny_model_dir: Path, tmp_path: Path, make_request) -> None:
+    import json
+    import urllib.request
+
+    from splitinfer.protos import sha256_file
+
+    repository = tmp_path / "repository"
+    copy_model(tiny_model_dir, repository / "tiny" / "1")
+    proc = subprocess.Popen(_serve_command("--model-repository", str(repository), "--port", "0", "--metrics-port", "0",
+                                           "--log-format", "json", "--max-batch-size", "4"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    try:
+        before, host, port = _read_until_listening(proc, STARTUP_TIMEOUT_S)
+        metrics_url = next(line.split()[-1] for line in before if "metrics on" in line)
+        newer = copy_model(tiny_model_dir, repository / "tiny" / "2", version="2")
+        with grpc.insecure_channel(f"{host}:{port}") as channel:
+            stub = splitinfer_pb2_grpc.SplitInferenceStub(channel)
+            assert stub.Infer(make_request(), timeout=RPC_TIMEOUT_S).request_id == "req-0"
+            proc.send_signal(signal.SIGHUP)
+            new_request = make_request(manifest_sha256=sha256_file(newer / "manifest.json"))
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:  # the reload runs in the background; the new version appears when it is done
+                try:
+                    assert stub.Infer(new_request, timeout=RPC_TIMEOUT_S).model_version == "2"
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    assert time.monotonic() < deadline, "version 2 never served after SIGHUP"
+                    time.sleep(0.05)
+        text = urllib.request.urlopen(metrics_url, timeout=RPC_TIMEOUT_S).read().decode()
+        assert 'splitinfer_reloads_total{result="ok"} 1.0' in text
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=STOP_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    records = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert any(r["message"].startswith("reloaded: serving") for r in records)
+    assert any(r.get("code") == "FAILED_PRECONDITION" and r.get("model") == "tiny" for r in records)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "at least one --model"),
+    (["--tls-cert", "x.pem"], "--tls-cert and --tls-key go together"),
+    (["--max-batch-size", "0"], "max_batch_size must be"),
+    (["--padding", "bucket", "--max-queue-delay-ms", "-2"], "max_queue_delay_ms"),
+    (["--auth-token-file", "/nonexistent/tokens"], "cannot read the token file"),
+])
+def test_bad_serving_options_exit_2(tiny_model_dir: Path, capsys, args, message) -> None:
+    model = [] if not args else ["--model", str(tiny_model_dir)]
+    assert main([*model, *args, "--port", "0"]) == 2
+    assert message in capsys.readouterr().err

@@ -32,8 +32,19 @@ def test_other_manifest_is_refused(tiny_registry: ModelRegistry, tiny_manifest, 
         tiny_registry.get(tiny_manifest.name, sha)
 
 
-def test_duplicate_names_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
-    twin = copy_model(tiny_model_dir, tmp_path / "twin", version="other")
+def test_two_versions_of_a_name_are_served_and_picked_by_sha(tiny_model_dir: Path, tmp_path: Path) -> None:
+    newer = copy_model(tiny_model_dir, tmp_path / "newer", version="2")
+    registry = ModelRegistry.from_folders([tiny_model_dir, newer])
+    by_folder = {m.manifest.folder: m for m in registry.versions("tiny")}
+    assert registry.names == ("tiny",) and len(registry) == 2 and set(by_folder) == {tiny_model_dir, newer}
+    assert registry.get("tiny", by_folder[tiny_model_dir].manifest.sha256) is by_folder[tiny_model_dir]
+    assert registry.get("tiny", by_folder[newer].manifest.sha256).version == "2"
+    with pytest.raises(ManifestMismatch, match="differs from the served version"):
+        registry.get("tiny", "0" * 64)
+
+
+def test_the_same_export_twice_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    twin = copy_model(tiny_model_dir, tmp_path / "twin")
     with pytest.raises(ValueError, match=r"model name 'tiny' is served from two folders"):
         ModelRegistry.from_folders([tiny_model_dir, twin])
 

@@ -200,21 +200,23 @@ def test_unexpected_error_is_internal_and_server_survives(tiny_registry, make_re
     assert "RuntimeError: a bug in the server" in caplog.text  # logged with its traceback
 
 
-def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(tiny_registry, make_request) -> None:
-    lookup = _Lookup(tiny_registry)
-    server, port = create_server(lookup, port=0, max_workers=2, max_concurrent_rpcs=1)
+def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(blocking_registry, make_request) -> None:
+    registry, session = blocking_registry
+    server, port = create_server(registry, port=0, max_concurrent_rpcs=1)
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = splitinfer_pb2_grpc.SplitInferenceStub(channel)
-            blocked = stub.Infer.future(make_request(model="block"), timeout=RPC_TIMEOUT_S)
-            assert lookup.entered.wait(RPC_TIMEOUT_S)
+            session.block.set()
+            blocked = stub.Infer.future(make_request(), timeout=RPC_TIMEOUT_S)
+            assert session.entered.wait(RPC_TIMEOUT_S)
             assert _call_code(stub, make_request()) == grpc.StatusCode.RESOURCE_EXHAUSTED
-            lookup.release.set()
-            assert blocked.exception().code() == grpc.StatusCode.INTERNAL
+            session.block.clear()
+            session.release.set()
+            assert blocked.result().request_id == "req-0"
             _assert_serves(stub, make_request)
     finally:
-        lookup.release.set()
+        session.release.set()
         server.stop(0).wait()
 
 
@@ -245,13 +247,16 @@ def test_health_is_serving(channel, tiny_manifest) -> None:
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_health_is_not_serving_after_stop(tiny_registry, tiny_manifest) -> None:
-    server, _ = create_server(tiny_registry, port=0)
+def test_health_turns_not_serving_when_the_server_drains(tiny_registry, tiny_manifest) -> None:
+    server, port = create_server(tiny_registry, port=0)
     server.start()
-    server.stop(0).wait()
-    for service in ("", tiny_manifest.name):
-        status = server.health.Check(health_pb2.HealthCheckRequest(service=service), None).status
-        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=tiny_manifest.name),
+                                                          timeout=RPC_TIMEOUT_S)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stopped = server.stop(1.0)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert stopped.wait(RPC_TIMEOUT_S)
 
 
 # --- several models ---------------------------------------------------------------------------------

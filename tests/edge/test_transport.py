@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from splitinfer.edge.runner import EdgeRunner
-from splitinfer.edge.transport import GrpcTransport, Transport
+from splitinfer.edge.transport import GrpcTransport, Transport, channel_target, split_targets
 from splitinfer.protos import DEFAULT_MAX_MESSAGE_BYTES
 from splitinfer.protos import splitinfer_pb2 as pb
 from splitinfer.protos import splitinfer_pb2_grpc
@@ -131,3 +131,83 @@ def test_runner_over_grpc(server, device_session, tiny_manifest, images):
         servicer.fail_with = [grpc.StatusCode.FAILED_PRECONDITION]
         result = runner.classify(images[0])
         assert result.decided_on == "degraded" and "ManifestMismatch" in result.error
+
+
+class _Recording(Servicer):
+    """Also keeps the metadata each call carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metadata: list[dict] = []
+
+    def Infer(self, request, context):
+        self.metadata.append(dict(context.invocation_metadata()))
+        return super().Infer(request, context)
+
+
+def _start(servicer):
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    splitinfer_pb2_grpc.add_SplitInferenceServicer_to_server(servicer, srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    return srv, f"127.0.0.1:{port}"
+
+
+def test_round_robin_spreads_calls_over_every_server_and_skips_a_dead_one():
+    servicers = [_Recording(), _Recording(), _Recording()]
+    started = [_start(s) for s in servicers]
+    try:
+        targets = [address for _, address in started]
+        with GrpcTransport(",".join(targets[:2]), timeout_s=2.0, wait_for_ready=True) as transport:
+            assert transport.target.startswith("ipv4:") and transport.max_attempts == 3
+            for _ in range(12):
+                transport.infer(request())
+        assert servicers[0].calls > 0 and servicers[1].calls > 0
+        with GrpcTransport(targets, timeout_s=2.0, auth_token="tok-1") as transport:
+            for _ in range(6):
+                transport.infer(request())
+            started[2][0].stop(0).wait()
+            for _ in range(6):
+                assert transport.infer(request()).label == 7
+        assert all(m.get("authorization") == "Bearer tok-1" for s in servicers for m in s.metadata[-1:])
+    finally:
+        for srv, _ in started:
+            srv.stop(0)
+
+
+def test_unavailable_is_retried_on_another_server_but_nothing_else():
+    failing, healthy = Servicer(), Servicer()
+    started = [_start(failing), _start(healthy)]
+    try:
+        failing.fail_with = [grpc.StatusCode.UNAVAILABLE] * 20
+        with GrpcTransport([a for _, a in started], timeout_s=2.0, wait_for_ready=True) as transport:
+            for _ in range(6):
+                assert transport.infer(request()).label == 7
+        failing.fail_with = [grpc.StatusCode.INVALID_ARGUMENT] * 20
+        healthy.fail_with = [grpc.StatusCode.INVALID_ARGUMENT] * 20
+        with GrpcTransport([a for _, a in started], timeout_s=2.0, max_attempts=3) as transport:
+            before = failing.calls + healthy.calls
+            with pytest.raises(InvalidPacket):
+                transport.infer(request())
+            assert failing.calls + healthy.calls == before + 1
+    finally:
+        for srv, _ in started:
+            srv.stop(0)
+
+
+def test_targets_are_split_and_joined():
+    assert split_targets("a:1, b:2") == ["a:1", "b:2"]
+    assert split_targets(["a:1", "b:2,c:3"]) == ["a:1", "b:2", "c:3"]
+    assert split_targets("dns:///svc.local:50051") == ["dns:///svc.local:50051"]
+    assert channel_target(["10.0.0.1:5", "10.0.0.2:6"]) == "ipv4:10.0.0.1:5,10.0.0.2:6"
+    assert channel_target(["[::1]:5", "[::2]:5"]) == "ipv6:[::1]:5,[::2]:5"
+    assert channel_target(["localhost:5"]) == "localhost:5"
+    assert channel_target(["localhost:7", "127.0.0.1:8"]).startswith("ipv4:127.0.0.1:7")
+    for bad in (["10.0.0.1:5", "[::1]:5"], ["10.0.0.1", "10.0.0.2:5"], ["10.0.0.1:0", "10.0.0.2:5"]):
+        with pytest.raises(ValueError):
+            channel_target(bad)
+    for bad in ("", " , ", [], [""]):
+        with pytest.raises(ValueError, match="target"):
+            split_targets(bad)
+    with pytest.raises(ValueError, match="auth_token"):
+        GrpcTransport("127.0.0.1:1", auth_token="two words")
