@@ -58,7 +58,7 @@ def test_edge_through_real_server_matches_local_computation(tiny_model_dir, live
         results = [runner.classify(img) for img in canvases[0]]
     assert [r.decided_on for r in results] == ["server"] * len(results)
     server_half = ort.InferenceSession(str(manifest.server_path), providers=["CPUExecutionProvider"])
-    limits = PacketLimits(dim=manifest.dim, max_position=manifest.num_tokens)
+    limits = PacketLimits.for_manifest(manifest)
     for result, request in zip(results, transport.requests):
         assert result.bytes_sent == request.ByteSize() > 0
         assert 2 <= result.tokens_sent <= manifest.selection_budget + 1
