@@ -15,7 +15,6 @@ never when it lost more accuracy than export allowed.
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from dataclasses import dataclass
 from os import PathLike
@@ -26,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from splitinfer.protos.errors import ManifestError
-from splitinfer.protos.manifest import Manifest, sha256_file
+from splitinfer.protos.manifest import Manifest, cpu_signature, sha256_file
 
 __all__ = ["SessionOptions", "DeviceOutputs", "DeviceSession", "DeviceHalfChoice", "DEVICE_HALVES",
            "choose_device_half", "device_half_path", "available_halves", "time_device_halves", "cpu_signature",
@@ -144,19 +143,6 @@ class DeviceHalfChoice:
     reason: str
     timings_ms: dict | None = None
     session: DeviceSession | None = None
-
-
-def cpu_signature() -> dict:
-    """This CPU as the manifest records it: {"machine": e.g. "aarch64", "model": the cpuinfo model}."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        model = fields.get("model name") or fields.get("Model") or fields.get("CPU part", "")
-    except OSError:
-        pass
-    return {"machine": platform.machine(), "model": model or platform.processor()}
 
 
 def available_halves(manifest: Manifest) -> tuple[str, ...]:

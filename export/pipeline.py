@@ -221,9 +221,9 @@ def train_zstd_dictionary(model: SplitViT, images, point: dict, width: int | Non
     import torch
     import zstandard
 
-    from ..edge.selection import select_tokens
     from ..protos.codec import CodecConfig, encode_tokens
     from .preprocess import normalize
+    from .tokens import select_tokens_mask
 
     config = CodecConfig(point["encoding"], "none", scale_dtype=SCALE_DTYPE)
     payloads = []
@@ -232,8 +232,9 @@ def train_zstd_dictionary(model: SplitViT, images, point: dict, width: int | Non
             _, tokens, importance = model.device_forward(torch.from_numpy(normalize(images[start:start + 250])))
             bottleneck = model.bottleneck(width)
             codes = (tokens if bottleneck is None else bottleneck.encode(tokens)).numpy()
-            for row, imp in zip(codes, importance.numpy()):
-                positions = np.r_[0, 1 + select_tokens(imp, point["mass"], point["budget"])]
+            keep = select_tokens_mask(importance, point["mass"], point["budget"]).numpy()
+            for row, k in zip(codes, keep):
+                positions = np.r_[0, 1 + np.flatnonzero(k)]
                 payloads.append(encode_tokens(row[positions], positions, config).payload)
     half = len(payloads) // 2
     dictionary = zstandard.train_dictionary(size, payloads[:half])

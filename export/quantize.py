@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
+from ..protos.manifest import cpu_signature
 from .onnx_export import IR_VERSION_FOR_OPSET
 from .tokens import fake_quantize_int8, select_tokens_mask, with_cls
 
@@ -180,19 +180,6 @@ def measure_latency(paths: dict[str, Path], input_shape: tuple[int, ...], runs: 
             if i >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: {f"p{q}_ms": round(float(np.percentile(t, q)), 4) for q in (50, 90, 99)} for name, t in times.items()}
-
-
-def cpu_signature() -> dict:
-    """This CPU, as recorded next to latency figures: {"machine", "model"} (the edge computes the same)."""
-    model = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        model = fields.get("model name") or fields.get("Model") or fields.get("CPU part", "")
-    except OSError:
-        pass
-    return {"machine": platform.machine(), "model": model or platform.processor()}
 
 
 def add_int8_device_half(out_dir: Path, device_path: Path, server_path: Path, calibration: np.ndarray,

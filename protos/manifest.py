@@ -8,15 +8,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ManifestError
 
-__all__ = ["MANIFEST_FORMAT", "Manifest", "load_manifest", "sha256_file", "write_manifest"]
+__all__ = ["MANIFEST_FORMAT", "Manifest", "load_manifest", "sha256_file", "write_manifest", "cpu_signature"]
 
 MANIFEST_FORMAT = "splitinfer-model/1"
 MANIFEST_NAME = "manifest.json"
+
+
+def cpu_signature() -> dict:
+    """This CPU as a manifest records it next to latency figures, and as the edge matches it:
+    {"machine": e.g. "aarch64", "model": the cpuinfo model name}."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get("model name") or fields.get("Model") or fields.get("CPU part", "")
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "model": model or platform.processor()}
 
 
 def sha256_file(path: Path) -> str:
