@@ -59,7 +59,7 @@ fi
 
 # 4. On the host: the model folder, the test PNGs, and aarch64 wheels (pip inside the root cannot
 #    verify the registry's TLS, so it installs offline from these).
-if [ ! -f "$MODEL/manifest.json" ]; then
+if [ ! -f "$MODEL/manifest.json" ] || { [ "$MODEL" = "$EMU_DIR/model" ] && [ checkpoints/vit-cluttered-mnist.pt -nt "$MODEL/manifest.json" ]; }; then
     log "exporting the committed checkpoint (with an INT8 device half) into $MODEL"
     "$BIN/splitinfer-export" export --checkpoint checkpoints/vit-cluttered-mnist.pt --out "$MODEL" \
         --quantize int8 > "$EMU_DIR/export.json"
