@@ -15,7 +15,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import re
 import signal
 import subprocess

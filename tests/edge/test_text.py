@@ -60,7 +60,6 @@ def test_text_runner_equals_torch_on_all_tokens(text_model_dirs):
     import torch
 
     from splitinfer.edge.text import TextRunner
-    from splitinfer.export.adapters import SplitModel
     from splitinfer.export.adapters.hf_bert import load_hf_encoder, tokenize
 
     folder = text_model_dirs["embedding"]

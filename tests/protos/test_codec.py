@@ -166,7 +166,6 @@ def test_auto_compression_keeps_only_what_pays():
 
 
 def test_zstd_dictionary_round_trip_and_refusal_without_it():
-    rng = np.random.default_rng(1)
     samples = []
     for i in range(200):
         t, p = _tokens(k=5, seed=i)
