@@ -99,7 +99,7 @@ def run_batch(model: LoadedModel, rows: Sequence[np.ndarray], padding: str = "pa
         groups = [list(range(len(rows)))]
     else:
         groups = length_buckets([len(row) for row in rows])
-    probabilities = np.empty((len(rows), model.num_classes), dtype=np.float32)  # (B, C)
+    probabilities = np.empty((len(rows), model.output_width), dtype=np.float32)  # (B, C)
     for group in groups:
         tokens, mask = pad_tokens([rows[i] for i in group])  # (b, T, d), (b, T)
         logits = model.run(tokens, mask)  # (b, C)

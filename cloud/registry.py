@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 _TOKENS_INPUT = "tokens"
 _MASK_INPUT = "mask"
 _LOGITS_OUTPUT = "logits"
+_OUTPUT_FOR_TASK = {"classification": _LOGITS_OUTPUT, "embedding": "embedding"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class LoadedModel:
     manifest: Manifest
     session: ort.InferenceSession = field(repr=False)
     packet_limits: PacketLimits
+    task: str = "classification"  # or "embedding": the answer is the output vector, not a softmax
+    output_size: int = 0  # K classes, or D embedding values (0: the manifest's class count)
 
     @property
     def name(self) -> str:
@@ -76,30 +79,38 @@ class LoadedModel:
     def num_classes(self) -> int:
         return len(self.manifest.classes)
 
+    @property
+    def output_width(self) -> int:
+        """Values per answer: K classes (classification) or D (embedding)."""
+        return self.output_size or self.num_classes
+
     def run(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Run the server half.
 
         tokens: float32 (B, T, d), CLS at index 0 of each row. mask: bool (B, T), True = real token.
-        Returns logits float32 (B, K). Thread-safe: ONNX Runtime sessions allow concurrent ``run``.
+        Returns logits float32 (B, K), or the embedding (B, D) for an embedding model. Thread-safe:
+        ONNX Runtime sessions allow concurrent ``run``.
         """
-        (logits,) = self.session.run([_LOGITS_OUTPUT], {_TOKENS_INPUT: tokens, _MASK_INPUT: mask})
-        return logits
+        (out,) = self.session.run([_OUTPUT_FOR_TASK[self.task]], {_TOKENS_INPUT: tokens, _MASK_INPUT: mask})
+        return out
 
 
-def _check_signature(session: ort.InferenceSession, manifest: Manifest) -> None:
-    """Raise ManifestError when server.onnx does not take (tokens, mask) and give logits of the manifest's sizes."""
+def _check_signature(session: ort.InferenceSession, manifest: Manifest, task: str) -> None:
+    """Raise ManifestError when server.onnx does not take (tokens, mask) and give the task's output
+    (logits of the manifest's class count, or an embedding)."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     where = manifest.server_path
+    output = _OUTPUT_FOR_TASK[task]
     if set(inputs) != {_TOKENS_INPUT, _MASK_INPUT}:
         raise ManifestError(f"{where}: inputs must be {_TOKENS_INPUT!r} and {_MASK_INPUT!r}, got {sorted(inputs)}")
-    if _LOGITS_OUTPUT not in outputs:
-        raise ManifestError(f"{where}: no {_LOGITS_OUTPUT!r} output (outputs: {sorted(outputs)})")
+    if output not in outputs:
+        raise ManifestError(f"{where}: no {output!r} output for a {task} model (outputs: {sorted(outputs)})")
     dim = inputs[_TOKENS_INPUT].shape[-1]
     if isinstance(dim, int) and dim != manifest.dim:
         raise ManifestError(f"{where}: tokens have dim {dim}, the manifest says {manifest.dim}")
-    classes = outputs[_LOGITS_OUTPUT].shape[-1]
-    if isinstance(classes, int) and classes != len(manifest.classes):
+    classes = outputs[output].shape[-1]
+    if task == "classification" and isinstance(classes, int) and classes != len(manifest.classes):
         raise ManifestError(f"{where}: logits have {classes} classes, the manifest lists {len(manifest.classes)}")
 
 
@@ -115,18 +126,26 @@ def load_model(folder: str | Path, config: RuntimeConfig = RuntimeConfig()) -> L
         )
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
         raise ManifestError(f"{manifest.server_path}: ONNX Runtime cannot load it: {exc}") from exc
-    _check_signature(session, manifest)
+    task = manifest.data.get("task", "classification")
+    if task not in _OUTPUT_FOR_TASK:
+        raise ManifestError(f"{manifest.folder}: task must be one of {sorted(_OUTPUT_FOR_TASK)}, got {task!r}")
+    _check_signature(session, manifest, task)
     model = LoadedModel(
         manifest=manifest,
         session=session,
         packet_limits=PacketLimits.for_manifest(manifest),
+        task=task,
     )
     # A CLS-only warm-up: catches graphs that load but do not run, and takes first-call costs now.
     try:
         logits = model.run(np.zeros((1, 1, manifest.dim), np.float32), np.ones((1, 1), np.bool_))
     except Exception as exc:
         raise ManifestError(f"{manifest.server_path}: the server half fails on a CLS-only input: {exc}") from exc
-    if logits.shape != (1, model.num_classes):
+    if task == "embedding":
+        if logits.ndim != 2 or logits.shape[0] != 1 or logits.shape[1] < 1:
+            raise ManifestError(f"{manifest.server_path}: embedding has shape {logits.shape}, expected (1, D)")
+        model = replace(model, output_size=int(logits.shape[1]))
+    elif logits.shape != (1, model.num_classes):
         raise ManifestError(
             f"{manifest.server_path}: logits have shape {logits.shape}, expected (1, {model.num_classes})"
         )

@@ -82,36 +82,43 @@ def decode_request(
 
 
 def probabilities_from_logits(model: LoadedModel, logits: np.ndarray, rows: int) -> np.ndarray:
-    """logits float32 (rows, C) from the server half -> probabilities float32 (rows, C).
+    """The server half's output (rows, C) -> the answers float32 (rows, C): softmax probabilities,
+    or for an embedding model the embedding itself (rows, D).
 
-    A row with a non-finite logit becomes a row of NaN (its request is answered INTERNAL by
-    :func:`build_response`); a logits array of the wrong shape raises ServerInternalError.
+    A row with a non-finite value becomes a row of NaN (its request is answered INTERNAL by
+    :func:`build_response`); an output of the wrong shape raises ServerInternalError.
     """
-    if logits.shape != (rows, model.num_classes):
+    if logits.shape != (rows, model.output_width):
         raise ServerInternalError(
-            f"model {model.name!r}: server half returned logits of shape {logits.shape}, "
-            f"expected ({rows}, {model.num_classes})"
+            f"model {model.name!r}: server half returned an output of shape {logits.shape}, "
+            f"expected ({rows}, {model.output_width})"
         )
-    probabilities = softmax(logits).astype(np.float32)  # (rows, C)
+    answers = logits.astype(np.float32) if model.task == "embedding" else softmax(logits).astype(np.float32)
     finite = np.isfinite(logits).all(axis=-1)
     if not finite.all():
-        probabilities[~finite] = np.nan
-    return probabilities
+        answers[~finite] = np.nan
+    return answers
 
 
 def build_response(
     request: pb.InferRequest, model: LoadedModel, probabilities: np.ndarray, *,
     decode_ms: float, compute_ms: float, received_at: float,
 ) -> pb.InferResponse:
-    """probabilities float32 (C,) for one request -> InferResponse; ServerInternalError if not finite."""
+    """One request's answer (C,) -> InferResponse (probabilities and label, or the embedding with
+    label -1); ServerInternalError if not finite."""
     if not np.isfinite(probabilities).all():
-        raise ServerInternalError(f"model {model.name!r}: server half returned non-finite logits")
-    response = pb.InferResponse(
-        request_id=request.request_id,
-        probabilities=probabilities.tolist(),
-        label=int(np.argmax(probabilities)),
-        model_version=model.version,
-    )
+        what = "embedding" if model.task == "embedding" else "logits"
+        raise ServerInternalError(f"model {model.name!r}: server half returned non-finite {what}")
+    if model.task == "embedding":
+        response = pb.InferResponse(request_id=request.request_id, embedding=probabilities.tolist(), label=-1,
+                                    model_version=model.version)
+    else:
+        response = pb.InferResponse(
+            request_id=request.request_id,
+            probabilities=probabilities.tolist(),
+            label=int(np.argmax(probabilities)),
+            model_version=model.version,
+        )
     timings = response.timings
     timings.decode_ms = decode_ms
     timings.compute_ms = compute_ms

@@ -9,9 +9,8 @@ For one text::
            -> transport (classification) or a local server half (any task)         [decided_on="server"]
       the offload fails in any way -> the exit head's answer, error recorded          [decided_on="degraded"]
 
-Embedding models answer a vector (``TextResult.embedding``); the wire's ``InferResponse`` carries
-class probabilities only, so an embedding model offloads to a :class:`LocalServerHalf` (same
-machine or a gateway that runs ``server.onnx``) until the wire has an embedding answer.
+Embedding models answer a vector (``TextResult.embedding``), over the wire in
+``InferResponse.embedding``, or from a :class:`LocalServerHalf` (``server.onnx`` run here).
 Needs ``tokenizers`` (the ``[text]`` extra), numpy and onnxruntime.
 """
 from __future__ import annotations
@@ -181,7 +180,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 class TextRunner:
     """Answers texts with a text model folder's device half, offloading through ``transport``
-    (classification, over the wire) or ``server`` (a :class:`LocalServerHalf`, any task).
+    (over the wire, any task) or ``server`` (a :class:`LocalServerHalf`, any task).
 
     keep_ratio: share of real tokens sent (default: the manifest's ``selection.keep_ratio``).
     """
@@ -193,9 +192,6 @@ class TextRunner:
         if not is_text_manifest(manifest):
             raise ManifestError(f"{manifest.folder}: not a text model (input.kind is not 'text')")
         self.task = manifest.data.get("task", "classification")
-        if self.task == "embedding" and transport is not None:
-            raise ValueError("an embedding model cannot offload over the wire yet (InferResponse carries "
-                             "probabilities only); pass server=LocalServerHalf(manifest) instead")
         self.session, self.tokenizer, self.manifest = session, tokenizer, manifest
         self.transport, self.server = transport, server
         self.codec = codec or CodecConfig(encoding=manifest.encoding, compression=manifest.compression)
@@ -239,15 +235,25 @@ class TextRunner:
                                           request_id=uuid.uuid4().hex, packet=packet)
                 sent["bytes_sent"] = request.ByteSize()
                 response = self.transport.infer(request)
-                probs = np.asarray(response.probabilities, dtype=np.float64)
-                if probs.shape != (len(self.manifest.classes),) or not np.all(np.isfinite(probs)):
-                    raise ServerInternalError(f"response has {probs.size} probabilities, expected {len(self.manifest.classes)}")
-                answer = {"label": int(np.argmax(probs)), "confidence": float(probs.max()),
-                          "probabilities": tuple(float(p) for p in probs)}
+                answer = self._remote_answer(response, len(exit_out))
         except Exception as exc:  # the edge always answers
             logger.info("text offload degraded to the device answer: %s", exc)
             return self._result(text, "degraded", local, num_real, start, error=f"{type(exc).__name__}: {exc}", **sent)
         return self._result(text, "server", answer, num_real, start, **sent)
+
+    def _remote_answer(self, response: pb.InferResponse, width: int) -> dict:
+        """The server's answer -> the same dict as :meth:`_answer`; ServerInternalError if malformed.
+        width: the device's own answer width (classes, or the embedding size)."""
+        if self.task == "embedding":
+            emb = np.asarray(response.embedding, dtype=np.float32)
+            if emb.shape != (width,) or not np.all(np.isfinite(emb)):
+                raise ServerInternalError(f"response has an embedding of {emb.size} values, expected {width} finite")
+            return {"embedding": tuple(float(v) for v in emb)}
+        probs = np.asarray(response.probabilities, dtype=np.float64)
+        if probs.shape != (len(self.manifest.classes),) or not np.all(np.isfinite(probs)):
+            raise ServerInternalError(f"response has {probs.size} probabilities, expected {len(self.manifest.classes)}")
+        return {"label": int(np.argmax(probs)), "confidence": float(probs.max()),
+                "probabilities": tuple(float(p) for p in probs)}
 
     def _answer(self, out: np.ndarray) -> dict:
         if self.task == "embedding":
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="splitinfer-edge text", description=main.__doc__)
     p.add_argument("--model", required=True, help="text model folder (manifest.json, device.onnx, tokenizer.json)")
-    p.add_argument("--server", metavar="HOST:PORT", help="offload a classifier's unconfident inputs over gRPC")
+    p.add_argument("--server", metavar="HOST:PORT", help="offload over gRPC (a classifier's unconfident inputs; every input of an embedding model)")
     p.add_argument("--local-server", action="store_true", help="run server.onnx here (any task)")
     p.add_argument("--keep-ratio", type=float, default=None, help="share of tokens sent (default: the manifest's)")
     p.add_argument("--timeout-ms", type=float, default=1000.0)

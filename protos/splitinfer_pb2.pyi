@@ -76,15 +76,17 @@ class ServerTimings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "probabilities", "label", "timings", "model_version")
+    __slots__ = ("request_id", "probabilities", "label", "timings", "model_version", "embedding")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     probabilities: _containers.RepeatedScalarFieldContainer[float]
     label: int
     timings: ServerTimings
     model_version: str
-    def __init__(self, request_id: _Optional[str] = ..., probabilities: _Optional[_Iterable[float]] = ..., label: _Optional[int] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., probabilities: _Optional[_Iterable[float]] = ..., label: _Optional[int] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., model_version: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...

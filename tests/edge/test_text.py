@@ -104,14 +104,29 @@ def test_text_classifier_offloads_and_degrades(text_model_dirs):
     assert local.decided_on == "device" and local.tokens_sent == 0
 
 
-def test_embedding_model_refuses_the_wire(text_model_dirs):
-    from splitinfer.edge.text import TextDeviceSession, TextRunner, TextTokenizer
+def test_embedding_model_offloads_through_the_real_server(text_model_dirs):
+    from splitinfer.cloud import ModelRegistry, create_server
+    from splitinfer.edge.text import LocalServerHalf, TextDeviceSession, TextRunner, TextTokenizer
+    from splitinfer.edge.transport import GrpcTransport
     from splitinfer.protos import load_manifest
 
-    manifest = load_manifest(text_model_dirs["embedding"], need=("device",))
-    with pytest.raises(ValueError, match="embedding"):
-        TextRunner(TextDeviceSession(manifest.device_path), TextTokenizer.from_manifest(manifest), manifest,
-                   transport=_FakeTransport())
+    folder = text_model_dirs["embedding"]
+    manifest = load_manifest(folder)
+    parts = (TextDeviceSession(manifest.device_path), TextTokenizer.from_manifest(manifest), manifest)
+    server, port = create_server(ModelRegistry.from_folders([folder]), port=0)
+    server.start()
+    try:
+        with GrpcTransport(f"127.0.0.1:{port}", timeout_s=5.0) as transport:
+            remote = TextRunner(*parts, transport=transport).run("Return a copy of the string with its case swapped.")
+        server.stop(0).wait(5)
+    finally:
+        server.stop(0)
+    local = TextRunner(*parts, server=LocalServerHalf(manifest)).run("Return a copy of the string with its case swapped.")
+    assert remote.decided_on == "server" and remote.bytes_sent > 0 and remote.label is None
+    assert len(remote.embedding) == len(local.embedding) > 0
+    np.testing.assert_allclose(remote.embedding, local.embedding, atol=1e-5)
+    down = TextRunner(*parts, transport=_FakeTransport(fail=True)).run("Open the named file for reading.")
+    assert down.decided_on == "degraded" and down.embedding is not None
 
 
 def test_edge_cli_text_subcommand(text_model_dirs, tmp_path, capsys):
