@@ -9,32 +9,29 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "vit-cluttered-mnist.pt"
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A small random-weight ViT (dim 32, 3 blocks, split after 1) exported with the real pipeline."""
+def _export_tiny(tmp_path_factory, folder: str, **options) -> Path:
+    """A small random-weight ViT (dim 32, 3 blocks, split after 1, seed 0) exported with the real pipeline."""
     torch = pytest.importorskip("torch")
     from splitinfer.export.model import SplitViT, ViTConfig
     from splitinfer.export.pipeline import ExportOptions, export_split_model
 
     torch.manual_seed(0)
     model = SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1)).eval()
-    out = tmp_path_factory.mktemp("tiny_model")
-    export_split_model(model, out, ExportOptions(name="tiny", calibration_size=40, budget=8))
+    out = tmp_path_factory.mktemp(folder)
+    export_split_model(model, out, ExportOptions(name="tiny", calibration_size=40, budget=8, **options))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny ViT's model folder (float device half)."""
+    return _export_tiny(tmp_path_factory, "tiny_model")
 
 
 @pytest.fixture(scope="session")
 def tiny_int8_model_dir(tmp_path_factory) -> Path:
     """The tiny model of ``tiny_model_dir`` (same weights), exported with an INT8 device half beside the float one."""
-    torch = pytest.importorskip("torch")
-    from splitinfer.export.model import SplitViT, ViTConfig
-    from splitinfer.export.pipeline import ExportOptions, export_split_model
-
-    torch.manual_seed(0)
-    model = SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1)).eval()
-    out = tmp_path_factory.mktemp("tiny_int8_model")
-    export_split_model(model, out, ExportOptions(name="tiny", calibration_size=40, budget=8, quantize="int8"))
-    return out
+    return _export_tiny(tmp_path_factory, "tiny_int8_model", quantize="int8")
 
 
 @pytest.fixture(scope="session")
