@@ -41,7 +41,9 @@ def test_preprocess_rejects_bad_input():
     with pytest.raises(ValueError, match="std"):
         PreprocessSpec.from_dict({**SPEC, "std": 0})
     with pytest.raises(ValueError, match="color"):
-        PreprocessSpec.from_dict({**SPEC, "color": "rgb"})
+        PreprocessSpec.from_dict({**SPEC, "color": "cmyk"})
+    with pytest.raises(ValueError, match="mean"):  # an RGB model needs one mean per channel
+        PreprocessSpec.from_dict({**SPEC, "color": "rgb", "mean": [0.1307]})
     with pytest.raises(ValueError, match="height"):
         PreprocessSpec.from_dict({k: v for k, v in SPEC.items() if k != "height"})
 
@@ -56,7 +58,8 @@ def test_load_image_converts_colour_and_16_bit(tmp_path):
     rgb = np.zeros((4, 5, 3), dtype=np.uint8)
     rgb[..., 1] = 255
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
-    gray = load_image(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(load_image(tmp_path / "rgb.png"), rgb)  # colour stays colour
+    gray = load_image(tmp_path / "rgb.png", color="L")
     assert gray.dtype == np.uint8 and gray.shape == (4, 5)
     assert np.all(gray == 150)  # ITU-R 601 luma of pure green
 
