@@ -48,3 +48,18 @@ def test_make_split_sizes():
         ClutterConfig(fragment_size=0)
     with pytest.raises(ValueError, match="train"):
         DigitSplits(train=0)
+
+
+def test_builtin_preprocessing_is_normalize_and_keeps_cluttered_canvases_as_they_are():
+    """The edge's preprocessing of the built-in model equals training's normalize, and its
+    polarity rule leaves every real canvas (bright strokes on black) uninverted."""
+    from splitinfer.edge.preprocess import prepare_images
+    from splitinfer.export.preprocess import builtin_preprocessing, normalize
+
+    x, _ = make_split("calibration")
+    prepared = prepare_images(x, builtin_preprocessing(64))
+    assert not prepared.inverted.any()
+    np.testing.assert_allclose(prepared.pixels, normalize(x), rtol=0, atol=1e-5)
+    paper = prepare_images(255 - x[:50], builtin_preprocessing(64))  # dark digits on white paper
+    assert paper.inverted.all()
+    np.testing.assert_allclose(paper.pixels, normalize(x[:50]), rtol=0, atol=1e-5)
