@@ -59,9 +59,12 @@ ImageInput = Union[np.ndarray, Image.Image, Sequence[Union[np.ndarray, Image.Ima
 
 
 class PreprocessSpec:
-    """The 0.1 name: ``PreprocessSpec.from_dict(d)`` reads either format into an ImagePreprocessing."""
+    """The 0.1 name: ``PreprocessSpec.from_dict(d)`` reads either format (or passes an
+    ImagePreprocessing through), as ``as_preprocessing``."""
 
-    from_dict = staticmethod(ImagePreprocessing.load)
+    @staticmethod
+    def from_dict(spec: "ImagePreprocessing | Mapping") -> ImagePreprocessing:
+        return as_preprocessing(spec)
 
 
 def as_preprocessing(spec: ImagePreprocessing | Mapping) -> ImagePreprocessing:

@@ -118,18 +118,20 @@ class TimmViT(SplittableModel):
         return {"image": torch.randn(batch, self.in_channels, *self.image_size, generator=g)}
 
     def manifest_fields(self) -> dict:
+        from timm.data import resolve_data_config
+
+        from splitinfer.protos.preprocessing import ImagePreprocessing
+
         m = self.model
         cfg = getattr(m, "pretrained_cfg", {}) or {}
         grid = tuple(int(g) for g in m.patch_embed.grid_size)
         h, w = self.image_size
-        mean = [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))]
-        std = [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
         return {
             "architecture": {"kind": "timm-vit", "timm_name": cfg.get("architecture", type(m).__name__),
                              "dim": self.dim, "depth": self.depth, "heads": int(m.blocks[0].attn.num_heads),
                              "patch_size": [int(p) for p in m.patch_embed.patch_size]},
-            "preprocessing": {"color": "rgb" if self.in_channels == 3 else "grayscale", "height": h, "width": w,
-                              "scale": 1 / 255, "mean": mean, "std": std, "layout": "NCHW"},
+            "preprocessing": ImagePreprocessing.from_timm(resolve_data_config(  # timm's eval transform
+                args={"input_size": (self.in_channels, h, w)}, model=m)).to_dict(),
             "input": {"kind": "image", "channels": self.in_channels, "height": h, "width": w},
             "tokens": {"dim": self.dim, "grid": list(grid), "num_patches": grid[0] * grid[1],
                        "num_tokens": 1 + grid[0] * grid[1], "cls_position": 0},
