@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from splitinfer.edge.preprocess import (ImagePreprocessing, PreprocessSpec, image_paths, load_image, prepare_images,
-                                        preprocess)
+from splitinfer.edge.preprocess import (ImagePreprocessing, PreprocessSpec, as_preprocessing, image_paths, load_image,
+                                        prepare_images, preprocess)
 
 SPEC = {"color": "grayscale", "height": 16, "width": 16, "scale": 1 / 255, "mean": 0.1307, "std": 0.3081,
         "layout": "NCHW"}
@@ -23,10 +23,10 @@ def test_preprocess_matches_manifest_normalization():
 
 
 def test_preprocess_single_image_gets_batch_axis(tiny_manifest):
-    spec = tiny_manifest.preprocessing
-    x = preprocess(np.zeros((spec["height"], spec["width"]), np.uint8), spec)
-    assert x.shape == (1, 1, spec["height"], spec["width"])
-    np.testing.assert_allclose(x, -spec["mean"] / spec["std"], rtol=1e-6)
+    spec = as_preprocessing(tiny_manifest.preprocessing)  # the manifest's dict, either format
+    x = preprocess(np.zeros(spec.size, np.uint8), tiny_manifest.preprocessing)
+    assert x.shape == (1, 1, *spec.size)
+    np.testing.assert_allclose(x, -spec.mean[0] / spec.std[0], rtol=1e-6)
 
 
 def test_preprocess_resizes_other_sizes_bilinear():
