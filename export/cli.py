@@ -178,11 +178,6 @@ def _export(args: argparse.Namespace) -> int:
     backbone = model.backbone
     if model.importance == "learned" and backbone.input_kind == "image" and args.budget != "auto":
         model.keep_ratio = min(1.0, int(args.budget) / (backbone.manifest_fields()["tokens"]["num_tokens"] - 1))
-    spec = args.data or default_data(args.adapter, backbone.task)
-    if spec is None:
-        raise ValueError(f"--adapter {args.adapter} ({backbone.task}) needs --data: calibration inputs"
-                         " (imagefolder:DIR for images, bbcnews for text)")
-    calibration = load_dataset(spec, "calibration", backbone, n=args.calibration_size)
     auto = lambda value, kind: value if value in ("auto", "none") else kind(value)  # noqa: E731
     name = args.name or {"builtin": "vit-cluttered-mnist", "timm": args.timm_model,
                          "hf": Path(str(args.hf_model)).name}[args.adapter]
@@ -190,6 +185,12 @@ def _export(args: argparse.Namespace) -> int:
                             budget=auto(args.budget, int), bottleneck=auto(args.bottleneck, int),
                             encoding=args.encoding, max_accuracy_drop=args.max_accuracy_drop,
                             calibration_size=args.calibration_size, quantize=args.quantize, plot=not args.no_plot)
+    options.space_for(model)  # an option the model cannot take fails before any data is read
+    spec = args.data or default_data(args.adapter, backbone.task)
+    if spec is None:
+        raise ValueError(f"--adapter {args.adapter} ({backbone.task}) needs --data: calibration inputs"
+                         " (imagefolder:DIR for images, bbcnews for text)")
+    calibration = load_dataset(spec, "calibration", backbone, n=args.calibration_size)
     manifest = export_split_model(model, args.out, options, calibration)
     c = manifest.calibration
     report = {"model_dir": str(args.out), "name": manifest.name, "version": manifest.version, "task": manifest.task,
