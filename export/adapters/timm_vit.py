@@ -117,11 +117,15 @@ class TimmViT(SplittableModel):
         g = torch.Generator().manual_seed(seed)
         return {"image": torch.randn(batch, self.in_channels, *self.image_size, generator=g)}
 
-    def manifest_fields(self) -> dict:
+    def preprocessing(self):
+        """timm's own eval transform for this model (resolve_data_config), as the edge applies it."""
         from timm.data import resolve_data_config
 
-        from splitinfer.protos.preprocessing import ImagePreprocessing
+        from ...protos.preprocessing import ImagePreprocessing
 
+        return ImagePreprocessing.from_timm(resolve_data_config({}, model=self.model))
+
+    def manifest_fields(self) -> dict:
         m = self.model
         cfg = getattr(m, "pretrained_cfg", {}) or {}
         grid = tuple(int(g) for g in m.patch_embed.grid_size)
@@ -130,8 +134,7 @@ class TimmViT(SplittableModel):
             "architecture": {"kind": "timm-vit", "timm_name": cfg.get("architecture", type(m).__name__),
                              "dim": self.dim, "depth": self.depth, "heads": int(m.blocks[0].attn.num_heads),
                              "patch_size": [int(p) for p in m.patch_embed.patch_size]},
-            "preprocessing": ImagePreprocessing.from_timm(resolve_data_config(  # timm's eval transform
-                args={"input_size": (self.in_channels, h, w)}, model=m)).to_dict(),
+            "preprocessing": self.preprocessing().to_dict(),
             "input": {"kind": "image", "channels": self.in_channels, "height": h, "width": w},
             "tokens": {"dim": self.dim, "grid": list(grid), "num_patches": grid[0] * grid[1],
                        "num_tokens": 1 + grid[0] * grid[1], "cls_position": 0},

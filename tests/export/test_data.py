@@ -64,3 +64,27 @@ def test_builtin_preprocessing_is_normalize_and_keeps_cluttered_canvases_as_they
     assert paper.inverted.all()
     np.testing.assert_allclose(paper.pixels, normalize(x[:50]), rtol=0, atol=1e-5)
 
+
+def test_load_image_data_names_both_sources(tmp_path):
+    from PIL import Image
+
+    from splitinfer.export.data import load_image_data
+    from splitinfer.export.preprocess import builtin_preprocessing, normalize
+    from splitinfer.protos.preprocessing import ImagePreprocessing
+
+    x, y, classes = load_image_data("cluttered-mnist", builtin_preprocessing(64), "test", n=20)
+    canvases, labels = make_split("test", n=20)
+    np.testing.assert_allclose(x, normalize(canvases), atol=1e-5)
+    assert y.tolist() == labels.tolist() and classes == [str(c) for c in range(10)]
+    rgb = ImagePreprocessing(color="RGB", height=32, width=32, mean=[0.5] * 3, std=[0.5] * 3)
+    assert load_image_data("cluttered-mnist", rgb, "test", n=4)[0].shape == (4, 3, 32, 32)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.fromarray(canvases[i]).save(tmp_path / name / f"{i}.png")
+    x, y, classes = load_image_data(f"imagefolder:{tmp_path}", builtin_preprocessing(64), "train")
+    assert x.shape == (2, 1, 64, 64) and classes == ["a", "b"] and y.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="cluttered-mnist"):
+        load_image_data("cifar10", rgb, "test")
+    with pytest.raises(ValueError, match="n applies"):
+        load_image_data(f"imagefolder:{tmp_path}", rgb, "test", n=5)
