@@ -15,7 +15,7 @@ __all__ = [
     "GrpcTransport", "Transport",
     "EdgeRunner", "EdgeResult", "OffloadPolicy",
     "ImageFrontEnd", "TextFrontEnd", "TextTokenizer", "LocalTransport",
-    "PreprocessSpec", "load_image",
+    "ImagePreprocessing", "load_image",
     "select_tokens",
 ]
 
@@ -24,14 +24,14 @@ _WHERE = {
     "GrpcTransport": "transport", "Transport": "transport",
     "EdgeRunner": "runner", "EdgeResult": "runner", "OffloadPolicy": "runner",
     "ImageFrontEnd": "frontends", "TextFrontEnd": "frontends", "TextTokenizer": "frontends", "LocalTransport": "local",
-    "PreprocessSpec": "preprocess", "load_image": "preprocess",
+    "ImagePreprocessing": "preprocess", "load_image": "preprocess",
     "select_tokens": "selection",
 }
 
 if TYPE_CHECKING:
     from .frontends import ImageFrontEnd, TextFrontEnd, TextTokenizer
     from .local import LocalTransport
-    from .preprocess import PreprocessSpec, load_image
+    from .preprocess import ImagePreprocessing, load_image
     from .runner import EdgeResult, EdgeRunner, OffloadPolicy
     from .selection import select_tokens
     from .session import DeviceOutputs, DeviceSession, SessionOptions

@@ -33,7 +33,6 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImagePreprocessing",
     "PreparedImages",
-    "PreprocessSpec",
     "as_preprocessing",
     "image_paths",
     "load_image",
@@ -56,15 +55,6 @@ _WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 ImageInput = Union[np.ndarray, Image.Image, Sequence[Union[np.ndarray, Image.Image]]]
-
-
-class PreprocessSpec:
-    """The 0.1 name: ``PreprocessSpec.from_dict(d)`` reads either format (or passes an
-    ImagePreprocessing through), as ``as_preprocessing``."""
-
-    @staticmethod
-    def from_dict(spec: "ImagePreprocessing | Mapping") -> ImagePreprocessing:
-        return as_preprocessing(spec)
 
 
 def as_preprocessing(spec: ImagePreprocessing | Mapping) -> ImagePreprocessing:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from splitinfer.edge.preprocess import (ImagePreprocessing, PreprocessSpec, as_preprocessing, image_paths, load_image,
+from splitinfer.edge.preprocess import (ImagePreprocessing, as_preprocessing, image_paths, load_image,
                                         prepare_images, preprocess)
 
 SPEC = {"color": "grayscale", "height": 16, "width": 16, "scale": 1 / 255, "mean": 0.1307, "std": 0.3081,
@@ -42,13 +42,13 @@ def test_preprocess_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
         preprocess(np.zeros((1, 1, 16, 16), np.uint8), SPEC)
     with pytest.raises(ValueError, match="std"):
-        PreprocessSpec.from_dict({**SPEC, "std": 0})
+        as_preprocessing({**SPEC, "std": 0})
     with pytest.raises(ValueError, match="color"):
-        PreprocessSpec.from_dict({**SPEC, "color": "cmyk"})
+        as_preprocessing({**SPEC, "color": "cmyk"})
     with pytest.raises(ValueError, match="mean"):  # an RGB model needs one mean per channel
-        PreprocessSpec.from_dict({**SPEC, "color": "rgb", "mean": [0.1307]})
+        as_preprocessing({**SPEC, "color": "rgb", "mean": [0.1307]})
     with pytest.raises(ValueError, match="height"):
-        PreprocessSpec.from_dict({k: v for k, v in SPEC.items() if k != "height"})
+        as_preprocessing({k: v for k, v in SPEC.items() if k != "height"})
 
 
 def test_load_image_grayscale_png(tmp_path):
