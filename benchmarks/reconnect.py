@@ -41,7 +41,8 @@ class Server:
     def start(self) -> float:
         cmd = [sys.executable, "-m", "splitinfer.cloud.cli", "--model", str(self.model_dir), "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", "WARNING"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
         for line in self.proc.stdout:
             if match := LISTENING.match(line.rstrip("\n")):
                 self.port = int(match.group(2))
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=ROOT / "artifacts" / "model",
                         help="exported model folder (made from the shipped checkpoint if missing)")
-    parser.add_argument("--outage-s", type=float, default=30.0, help="seconds the server stays down (default: %(default)s)")
+    parser.add_argument("--outage-s", type=float, default=30.0,
+                        help="seconds the server stays down (default: %(default)s)")
     parser.add_argument("--outages", type=int, default=3, help="outages measured (default: %(default)s)")
     parser.add_argument("--interval-ms", type=float, default=20.0, help="time between two requests of a transport")
     parser.add_argument("--timeout-s", type=float, default=0.5, help="deadline of each call")
@@ -105,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     from splitinfer.edge.transport import DEFAULT_MAX_RECONNECT_BACKOFF_S, GrpcTransport
 
     if not (args.model_dir / "manifest.json").is_file():
-        from splitinfer.export.pipeline import ExportOptions, export_model
+        from splitinfer.export.pipeline import export_checkpoint
 
-        export_model(ROOT / "checkpoints" / "vit-cluttered-mnist.pt", args.model_dir, ExportOptions())
+        export_checkpoint(ROOT / "checkpoints" / "vit-cluttered-mnist.pt", args.model_dir)
     snapshot = Path(tempfile.mkdtemp(prefix="reconnect_"))
     model_dir = Path(shutil.copytree(args.model_dir, snapshot / "model"))
     request = build_request(model_dir)

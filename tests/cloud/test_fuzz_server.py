@@ -157,7 +157,8 @@ def test_fuzz_the_live_server(fuzz_server: ServeProcess, target: Target, tiny_re
     log_bytes = fuzz_server.log_path.stat().st_size
     log = fuzz_server.log_path.read_text(errors="replace")
     codes = {code.name: n for code, n in tally.codes.most_common()}
-    print(f"\nfuzz: {tally.sent} requests {dict(tally.kinds.most_common())}: {codes}; {tally.valid_answered} valid ones "
+    print(f"\nfuzz: {tally.sent} requests {dict(tally.kinds.most_common())}: {codes}; "
+          f"{tally.valid_answered} valid ones "
           f"answered correctly; server RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB; "
           f"log {log_bytes / tally.sent:.0f} B per request; {counted:.0f} counted in the metrics")
     assert tally.sent >= 20_000

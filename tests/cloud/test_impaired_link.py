@@ -48,7 +48,8 @@ def test_deadlines_hold_on_a_bad_link(live_server, edge) -> None:
     answered, degraded = run.count("server"), run.count("degraded")
     latencies = np.array([o.latency_ms for o in run.outcomes])
     print(f"\nimpaired link: {run.attempts} requests: answered {answered}, degraded {degraded}, lost {run.lost}; "
-          f"latency p50 {np.median(latencies):.1f} ms, max {latencies.max():.1f} ms (deadline {DEADLINE_S * 1e3:.0f} ms); "
+          f"latency p50 {np.median(latencies):.1f} ms, max {latencies.max():.1f} ms "
+          f"(deadline {DEADLINE_S * 1e3:.0f} ms); "
           f"{connections} connections, {resets} resets")
     assert run.lost == 0 and not run.raised, run.raised[:3]
     assert not late, [(round(o.latency_ms), o.error) for o in late[:3]]

@@ -26,17 +26,20 @@ ENCODINGS = ("fp32", "fp16", "int8", "int4")
 HOSTILE_FLOATS = (float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 1e30, 1e12, 65504.0, 1e-45, -1.0, 0.0)
 
 
-def valid_packet(dim: int, max_position: int, rng: random.Random, *, count: int | None = None) -> pb.TokenPacket:
-    """A packet the decoder accepts: random tokens (|x| < 50) at sorted positions, CLS first, any codec."""
+def valid_packet(dim: int, max_position: int, rng: random.Random, *, count: int | None = None,
+                 dictionary=None) -> pb.TokenPacket:
+    """A packet the decoder accepts: random tokens (|x| < 50) at sorted positions, CLS first, any codec
+    (zstd with ``dictionary`` when one is given)."""
     count = count or rng.randint(1, min(12, max_position))
     positions = np.array([0, *sorted(rng.sample(range(1, max_position), count - 1))], dtype=np.int64)
     gen = np.random.default_rng(rng.getrandbits(32))
     tokens = (gen.standard_normal((count, dim)) * gen.uniform(0.01, 20.0, (count, 1))).astype(np.float32)
     encoding = rng.choice(ENCODINGS)
     group = rng.choice([g for g in (0, 0, 4, 8, dim) if g == 0 or dim % g == 0])
-    config = CodecConfig(encoding, rng.choice(("none", "zstd", "auto")), group_size=group if encoding in ("int8", "int4") else 0,
+    quantized = encoding in ("int8", "int4")
+    config = CodecConfig(encoding, rng.choice(("none", "zstd", "auto")), group_size=group if quantized else 0,
                          scale_dtype=rng.choice(("fp32", "fp16")))
-    return encode_tokens(tokens, positions, config)
+    return encode_tokens(tokens, positions, config, zstd_dictionary=dictionary)
 
 
 def zstd_declaring(size: int) -> bytes:
@@ -69,10 +72,12 @@ def _float_bytes(values, dtype: str) -> bytes:
 
 
 def _edge(rng: random.Random, near: int, top: int = U32) -> int:
-    return rng.choice([0, 1, near - 1, near, near + 1, 2 * near, 2**16, 2**31 - 1, 2**31, top, rng.randint(0, top)]) & top
+    values = [0, 1, near - 1, near, near + 1, 2 * near, 2**16, 2**31 - 1, 2**31, top, rng.randint(0, top)]
+    return rng.choice(values) & top
 
 
-def corrupt_packet(packet: pb.TokenPacket, rng: random.Random, dim: int, max_position: int, kind: int | None = None) -> int:
+def corrupt_packet(packet: pb.TokenPacket, rng: random.Random, dim: int, max_position: int,
+                   kind: int | None = None) -> int:
     """Break ``packet`` in place in one of ``PACKET_KINDS`` ways (random if ``kind`` is None); returns the kind."""
     kind = rng.randrange(PACKET_KINDS) if kind is None else kind % PACKET_KINDS
     k = min(packet.num_tokens, 2 * max_position)  # an earlier break may have made it absurd

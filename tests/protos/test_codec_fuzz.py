@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import random
 import tracemalloc
+from functools import lru_cache
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from splitinfer.protos import CodecConfig, InvalidPacket, PacketLimits, decode_tokens, encode_tokens
+from splitinfer.protos import (CodecConfig, InvalidPacket, PacketLimits, decode_tokens, encode_tokens,
+                               load_manifest)
 from splitinfer.protos import splitinfer_pb2 as pb
 from splitinfer.protos.codec import DEFAULT_MAX_ABS_VALUE
 
@@ -18,7 +20,7 @@ from .packet_cases import PACKET_KINDS, bombs, corrupt_packet, packets, valid_pa
 
 DIM, FULL = 32, 65
 LIMITS = PacketLimits(dim=DIM, max_position=FULL)
-FUZZ = settings(max_examples=1500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _check_decoded(tokens: np.ndarray, positions: np.ndarray, packet: pb.TokenPacket) -> None:
@@ -76,6 +78,31 @@ def test_valid_packets_round_trip(seed: int, encoding: str, compression: str, gr
     amax = np.abs(tokens).max(axis=1, keepdims=True)
     slack = 2.0**-10 if scale_dtype == "fp16" and encoding in ("int8", "int4") else 0.0  # scale rounding
     assert np.all(np.abs(decoded - tokens) <= amax * (step / 2 + slack) * (1 + 1e-4) + 1e-30)
+
+
+@lru_cache(maxsize=None)
+def _with_dictionary(folder):
+    manifest = load_manifest(folder, need=("server",))
+    return manifest, PacketLimits.for_manifest(manifest)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.integers(0, 2**32 - 1), st.lists(st.integers(0, PACKET_KINDS - 1), max_size=2))
+def test_packets_with_a_models_dictionary(tiny_model_dir, seed: int, kinds: list[int]) -> None:
+    """The committed tiny model ships a zstd dictionary: its packets decode with it, or are refused."""
+    manifest, limits = _with_dictionary(tiny_model_dir)
+    assert limits.zstd_dictionary is not None
+    rng = random.Random(seed)
+    packet = valid_packet(manifest.dim, manifest.num_tokens, rng, dictionary=limits.zstd_dictionary)
+    for kind in kinds:
+        corrupt_packet(packet, rng, manifest.dim, manifest.num_tokens, kind)
+    try:
+        tokens, positions = decode_tokens(packet, limits)
+    except InvalidPacket:
+        assert kinds, "a valid packet was refused"
+        return
+    assert tokens.shape == (packet.num_tokens, manifest.dim) and np.isfinite(tokens).all()
+    assert positions[0] == 0 and np.all(np.diff(positions) > 0) and positions[-1] < manifest.num_tokens
 
 
 @pytest.mark.parametrize("kind", range(PACKET_KINDS))
