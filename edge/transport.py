@@ -11,9 +11,9 @@ is retried on another (within the same deadline). TLS, mutual TLS and a bearer t
 
 Reconnection: while a server is away, calls fail fast (UNAVAILABLE) and the edge answers degraded;
 gRPC tries to reconnect after an exponential backoff. Its default backoff grows to 120 s, so after
-a 30 s outage the edge kept answering degraded for about 14 s after the server was back; here it
-starts at 0.1 s and stops growing at ``max_reconnect_backoff_s`` (1 s: offloading resumes within
-about 1.2 s of the server accepting connections, measured by ``benchmarks/reconnect.py``).
+a 30 s outage the edge kept answering degraded for about 10 s (up to 15 s) after the server was
+back; here it starts at 0.1 s and stops growing at ``max_reconnect_backoff_s`` (1 s, so at most
+about 1.2 s with gRPC's 20% jitter; ``benchmarks/reconnect.py`` measures it).
 """
 from __future__ import annotations
 
