@@ -293,6 +293,7 @@ class AsyncSplitInferServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
+        self.refusing = threading.Event()  # set once a stop has begun: new calls are refused from then on
         self._stop_task: asyncio.Future | None = None
         self._reload_lock = asyncio.Lock()
         self.port = 0
@@ -399,7 +400,11 @@ class AsyncSplitInferServer:
         await self.health.enter_graceful_shutdown()
         in_flight = self.router.in_flight
         if self._server is not None:
-            await self._server.stop(grace)
+            grpc_stop = asyncio.ensure_future(self._server.stop(grace))
+            await asyncio.sleep(0)  # its first step shuts the listener and refuses new calls
+            self.refusing.set()
+            await grpc_stop
+        self.refusing.set()
         await self.router.close()
         self._executor.shutdown(wait=False)
         if self._metrics_http is not None:
@@ -450,7 +455,8 @@ class SplitInferServer:
     def stop(self, grace: float | None = None) -> threading.Event:
         """Drain and stop (``grace`` s for in-flight calls); the returned event is set once stopped.
 
-        Called again while draining, it cuts the grace to the new ``grace``.
+        Returns once new calls are refused. Called again while draining, it cuts the grace to the
+        new ``grace``.
         """
         if not self._thread.is_alive():
             self._stopped.set()
@@ -468,6 +474,7 @@ class SplitInferServer:
 
         asyncio.run_coroutine_threadsafe(stop_then_exit(), self._loop)
         threading.Thread(target=self._join_then_set, daemon=True).start()
+        self._inner.refusing.wait(10.0)
         return self._stopped
 
     def _join_then_set(self) -> None:
