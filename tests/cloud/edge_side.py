@@ -35,13 +35,16 @@ def sparse_images(manifest: Manifest, count: int, seed: int = 0) -> np.ndarray:
 
 @dataclass
 class Outcome:
-    """One classify call: when it was made and ended (time.monotonic), what the edge answered."""
+    """One classify call: when it was made and ended (time.monotonic), what the edge answered, the whole
+    call's latency and the offload call's round trip (``server_ms``, None when nothing was sent)."""
 
     sent_at: float
     done_at: float
     decided_on: str
     latency_ms: float
     error: str | None
+    server_ms: float | None = None
+    device_ms: float = 0.0
 
 
 @dataclass
@@ -95,13 +98,17 @@ class LoadRun:
             else:
                 with self._lock:
                     self.outcomes.append(Outcome(sent_at, time.monotonic(), result.decided_on, result.latency_ms,
-                                                 result.error))
+                                                 result.error, result.server_ms, result.device_ms))
             i += self.threads
             time.sleep(self.pause_s)
 
     @property
     def lost(self) -> int:
         return self.attempts - len(self.outcomes)
+
+    def past_deadline(self, deadline_s: float, margin_ms: float) -> list[Outcome]:
+        """Calls whose offload round trip passed ``deadline_s`` by more than ``margin_ms``."""
+        return [o for o in self.outcomes if o.server_ms is not None and o.server_ms > deadline_s * 1e3 + margin_ms]
 
     def count(self, decided_on: str, since: float = 0.0) -> int:
         return sum(o.decided_on == decided_on and o.sent_at >= since for o in self.outcomes)

@@ -16,7 +16,7 @@ from .edge_side import LoadRun, device_session, edge_manifest, sparse_images
 from .link_proxy import Impairment, LinkProxy
 
 DEADLINE_S = 0.25
-LATE_MARGIN_MS = 150.0  # device half, the degraded answer and two busy cores; never a second deadline
+LATE_MARGIN_MS = 150.0  # scheduling on two busy cores; never a second deadline
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +44,15 @@ def test_deadlines_hold_on_a_bad_link(live_server, edge) -> None:
         assert run.stop(timeout_s=DEADLINE_S + 5.0), "an edge call hung"
         connections, resets = link.connections, link.resets
 
-    late = [o for o in run.outcomes if o.latency_ms > DEADLINE_S * 1e3 + LATE_MARGIN_MS]
+    late = run.past_deadline(DEADLINE_S, LATE_MARGIN_MS)
     answered, degraded = run.count("server"), run.count("degraded")
     latencies = np.array([o.latency_ms for o in run.outcomes])
     print(f"\nimpaired link: {run.attempts} requests: answered {answered}, degraded {degraded}, lost {run.lost}; "
-          f"latency p50 {np.median(latencies):.1f} ms, max {latencies.max():.1f} ms "
-          f"(deadline {DEADLINE_S * 1e3:.0f} ms); "
+          f"latency p50 {np.median(latencies):.1f} ms, max {latencies.max():.1f} ms, offload call max "
+          f"{max(o.server_ms or 0.0 for o in run.outcomes):.1f} ms (deadline {DEADLINE_S * 1e3:.0f} ms); "
           f"{connections} connections, {resets} resets")
     assert run.lost == 0 and not run.raised, run.raised[:3]
-    assert not late, [(round(o.latency_ms), o.error) for o in late[:3]]
+    assert not late, [(round(o.server_ms), round(o.latency_ms), o.error) for o in late[:3]]
     assert answered > 20 and degraded > 0
     assert {o.decided_on for o in run.outcomes} <= {"server", "degraded"}
     assert run.count("server", since=cleared_at) > 20  # a clear link offloads again

@@ -18,9 +18,7 @@ from .edge_side import LoadRun, device_session, edge_manifest, sparse_images
 from .serve_process import ServeProcess
 
 DEADLINE_S = 0.5
-# a call's latency may pass its deadline by the device half, scheduling on 2 busy cores, and the
-# degraded answer; not by another deadline
-LATE_MARGIN_MS = 250.0
+LATE_MARGIN_MS = 250.0  # an offload call may pass its deadline by scheduling on 2 busy cores, not by another
 OUTAGE_S = 6.0
 RESUME_WITHIN_S = 1.5
 
@@ -53,13 +51,13 @@ def test_kill_and_restart_under_load(tiny_model_dir: Path, tmp_path: Path) -> No
         server.kill()
 
     answered, degraded = run.count("server"), run.count("degraded")
-    late = [o for o in run.outcomes if o.latency_ms > DEADLINE_S * 1e3 + LATE_MARGIN_MS]
+    late = run.past_deadline(DEADLINE_S, LATE_MARGIN_MS)
     resumed_s = _first_answer_after(run, restarted_at)
     print(f"\nkill/restart: {run.attempts} requests: answered {answered}, degraded {degraded}, lost {run.lost}, "
           f"past the deadline {len(late)}; outage {restarted_at - killed_at:.1f} s, offloading resumed "
           f"{resumed_s if resumed_s is None else round(resumed_s, 3)} s after the server accepted connections")
     assert run.lost == 0 and not run.raised, run.raised[:3]
-    assert not late, [(o.latency_ms, o.error) for o in late[:3]]
+    assert not late, [(round(o.server_ms), round(o.latency_ms), o.error) for o in late[:3]]
     from_the_dead = [o for o in run.outcomes
                      if o.decided_on == "server" and killed_at + 0.1 < o.sent_at < restarted_at - 0.2]
     assert not from_the_dead  # nothing answered while no server ran
