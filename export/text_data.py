@@ -13,6 +13,7 @@ training text: a file goes to "test" when a hash of its relative path says so.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import re
@@ -141,7 +142,12 @@ def bbcnews_articles() -> tuple[list[str], np.ndarray, list[str]]:
     tech). The corpus holds 100 exact repeats (same text after joining whitespace, same class);
     only the first copy is kept, so no test article is also a training article (2,125 remain).
     """
-    folder = _bbcnews_folder()
+    texts, labels, classes = _read_bbcnews(_bbcnews_folder())
+    return list(texts), np.asarray(labels, dtype=np.int64), list(classes)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_bbcnews(folder: Path) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     texts, labels, seen = [], [], set()
     for label, name in enumerate(classes):
@@ -153,7 +159,7 @@ def bbcnews_articles() -> tuple[list[str], np.ndarray, list[str]]:
                 labels.append(label)
     if not texts:
         raise FileNotFoundError(f"no articles under {folder}")
-    return texts, np.asarray(labels, dtype=np.int64), classes
+    return tuple(texts), tuple(labels), tuple(classes)
 
 
 def load_bbcnews(split: str, seed: int = 0) -> tuple[list[str], np.ndarray, list[str]]:
