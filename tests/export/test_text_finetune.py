@@ -91,3 +91,24 @@ def test_training_learns_and_the_heads_file_round_trips(tmp_path):
     with pytest.raises(ValueError, match="not a text heads file"):
         torch.save({"format": "other"}, tmp_path / "bad.pt")
         build_text_classifier(folder, heads=tmp_path / "bad.pt")
+
+
+def test_export_cli_builds_the_classifier_from_a_text_heads_file(tmp_path):
+    import argparse
+
+    from splitinfer.export.cli import build_split_model
+
+    folder = tiny_folder(tmp_path)
+    cfg = TextFinetuneConfig(split=2, widths=(4,), max_length=16)
+    model, bottlenecks = build_text_classifier(folder, class_names=["x", "y"], split=2, widths=(4,), max_length=16)
+    path = tmp_path / "heads.pt"
+    save_text_heads(path, model, bottlenecks, cfg, {}, model_name="tiny")
+    args = argparse.Namespace(adapter="hf", hf_model=folder, heads=path, split=None, max_length=None,
+                              checkpoint=None, timm_model=None, num_classes=None)
+    built = build_split_model(args)
+    assert built.split == 2 and built.bottleneck_widths == (4,) and built.backbone.classes() == ["x", "y"]
+    inputs = built.backbone.example_inputs(2, length=7)
+    with torch.no_grad():
+        torch.testing.assert_close(built(inputs), model(inputs))
+    with pytest.raises(ValueError, match="trained for split 2"):
+        build_split_model(argparse.Namespace(**{**vars(args), "split": 1}))
