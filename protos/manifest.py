@@ -218,15 +218,8 @@ class CodecSpec(_Section):
     scale_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
-        from .codec import COMPRESSIONS, ENCODINGS, SCALE_DTYPES
-
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}, got {self.encoding!r}")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, got {self.compression!r}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         _integer("group_size", self.group_size, 0)
+        self.config()  # the codec validates its own settings
 
     def config(self):
         from .codec import CodecConfig
