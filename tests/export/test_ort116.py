@@ -104,8 +104,8 @@ def test_halves_match_in_ort_1_16_3(tiny_int8_model_dir, tmp_path):
     for half in ("float", "int8"):
         new = DeviceSession.from_manifest(manifest, device_half=half).run(x)
         tol = 1e-4 if half == "float" else 0.05 * float(np.abs(new.tokens).max())
-        for name in ("exit_logits", "tokens", "importance"):
-            np.testing.assert_allclose(old[f"{half}.{name}"], getattr(new, name), atol=tol,
+        for name, value in zip(("exit_logits", "tokens", "importance"), new):
+            np.testing.assert_allclose(old[f"{half}.{name}"], value, atol=tol,
                                        err_msg=f"{half} device half, {name}: ORT {ORT_VERSION} vs {ort.__version__}")
     server = ort.InferenceSession(str(manifest.server_path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(old["server.logits"], server.run(["logits"], {"tokens": tokens, "mask": mask})[0],
