@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "re-scanned on SIGHUP; repeatable")
     models.add_argument("--threads", type=int, default=1,
                         help="ONNX Runtime intra-op threads per model, 0 = ORT default (default: %(default)s)")
+    models.add_argument("--provider", default="cpu", metavar="cpu|cuda|tensorrt|NAME",
+                        help="ONNX Runtime execution provider of the server halves; the server refuses to start "
+                             "when ONNX Runtime does not have it or falls back from it (default: %(default)s)")
     listen = parser.add_argument_group("listening")
     listen.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     listen.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (default: %(default)s)")
@@ -103,7 +106,9 @@ def _config(args: argparse.Namespace) -> tuple[ServerConfig, ModelSource]:
         metrics_host=args.metrics_host, metrics_port=args.metrics_port, reflection=not args.no_reflection,
     )
     config.tokens()  # a missing or empty token file is a usage error now, not at the first call
-    source = ModelSource(args.models, args.repositories, RuntimeConfig(intra_op_threads=args.threads))
+    runtime = RuntimeConfig(intra_op_threads=args.threads, provider=args.provider)
+    runtime.ort_provider  # an unknown provider name is a usage error before any model loads
+    source = ModelSource(args.models, args.repositories, runtime)
     return config, source
 
 
