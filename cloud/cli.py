@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="limit on received and sent messages, in bytes (default: %(default)s)")
     listen.add_argument("--grace-s", type=float, default=5.0,
                         help="seconds in-flight calls may finish after SIGTERM/SIGINT (default: %(default)s)")
+    listen.add_argument("--health-port", type=int, default=None,
+                        help="also serve the gRPC health service alone, in plaintext, on this port (for "
+                             "Kubernetes gRPC probes, which cannot speak TLS); 0 picks a free one")
     listen.add_argument("--no-reflection", action="store_true", help="do not offer gRPC server reflection")
     batching = parser.add_argument_group("batching and limits")
     batching.add_argument("--max-batch-size", type=int, default=16,
@@ -104,6 +107,7 @@ def _config(args: argparse.Namespace) -> tuple[ServerConfig, ModelSource]:
         max_tokens_per_request=args.max_tokens_per_request, tls=tls,
         auth_tokens=(env_token,) if env_token else (), auth_token_file=args.auth_token_file,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port, reflection=not args.no_reflection,
+        health_port=args.health_port,
     )
     config.tokens()  # a missing or empty token file is a usage error now, not at the first call
     runtime = RuntimeConfig(intra_op_threads=args.threads, provider=args.provider)

@@ -76,6 +76,7 @@ class ServerConfig:
     metrics_host: str | None = None
     metrics_port: int | None = None
     reflection: bool = True
+    health_port: int | None = None  # a second, plaintext listener with only the health service (probes)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -94,6 +95,8 @@ class ServerConfig:
             raise ValueError(f"max_tokens_per_request must be >= 1 or None, got {self.max_tokens_per_request}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
         object.__setattr__(self, "auth_tokens", tuple(self.auth_tokens))
         if self.auth_token_file is not None:
             object.__setattr__(self, "auth_token_file", Path(self.auth_token_file))
@@ -238,6 +241,8 @@ class AsyncSplitInferServer:
                       if tokens else None)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Future | None = None
@@ -281,6 +286,16 @@ class AsyncSplitInferServer:
             raise OSError(f"cannot listen on {c.address()}: {exc}") from exc
         if bound == 0:
             raise OSError(f"cannot listen on {c.address()}")
+        if c.health_port is not None:  # plaintext health only: orchestrator probes cannot speak TLS
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            try:
+                self.health_port = health_server.add_insecure_port(c.address(c.health_port))
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on {c.address(c.health_port)}: {exc}") from exc
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {c.address(c.health_port)}")
+            self._health_server = health_server
         for service in ("", SERVICE_NAME, *self._health_names()):
             await self.health.set(service, _SERVING)
         self._server, self.port, self.address = server, bound, c.address(bound)
@@ -294,6 +309,8 @@ class AsyncSplitInferServer:
                                                    self.config.metrics_port)
             self.metrics_url = self._metrics_http.url
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         logger.info("listening on %s", self.address, extra={
             "tls": "mutual" if self.config.tls and self.config.tls.mutual else bool(self.config.tls),
             "auth": self._auth is not None, "metrics": self.metrics_url or "off"})
@@ -346,6 +363,8 @@ class AsyncSplitInferServer:
         in_flight = self.router.in_flight
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.router.close()
         self._executor.shutdown(wait=False)
         if self._metrics_http is not None:
@@ -383,6 +402,11 @@ class SplitInferServer:
     @property
     def metrics_url(self) -> str | None:
         return self._inner.metrics_url
+
+    @property
+    def health_port(self) -> int | None:
+        """The plaintext health-only port (``ServerConfig.health_port``), None without one."""
+        return self._inner.health_port
 
     def _call(self, coro, timeout: float | None = 30.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
