@@ -19,7 +19,7 @@ from .batcher import PADDING_MODES, BatchConfig
 from .logs import LOG_FORMATS, configure_logging
 from .registry import RuntimeConfig
 from .repository import ModelSource
-from .security import TlsConfig
+from .security import TlsConfig, read_tokens
 from .server import AsyncSplitInferServer, ServerConfig, serve
 
 __all__ = ["PROG", "TOKEN_ENV", "build_parser", "main"]
@@ -27,6 +27,7 @@ __all__ = ["PROG", "TOKEN_ENV", "build_parser", "main"]
 PROG = "splitinfer-serve"
 TOKEN_ENV = "SPLITINFER_AUTH_TOKEN"
 EXIT_OK, EXIT_CANNOT_LISTEN, EXIT_BAD_INPUT = 0, 1, 2
+ENGINES = ("grpc", "ray")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                                             "re-scanned on SIGHUP; repeatable")
     models.add_argument("--threads", type=int, default=1,
                         help="ONNX Runtime intra-op threads per model, 0 = ORT default (default: %(default)s)")
+    models.add_argument("--engine", choices=ENGINES, default="grpc",
+                        help="grpc: this process's grpc.aio server; ray: a Ray Serve application behind Ray's "
+                             "gRPC proxy (pip install 'splitinfer[ray]'; no TLS there) (default: %(default)s)")
+    models.add_argument("--max-replicas", type=int, default=None,
+                        help="--engine ray: autoscale between --instances and this many replicas")
     models.add_argument("--provider", default="cpu", metavar="cpu|cuda|tensorrt|NAME",
                         help="ONNX Runtime execution provider of the server halves; the server refuses to start "
                              "when ONNX Runtime does not have it or falls back from it (default: %(default)s)")
@@ -93,6 +99,8 @@ def _config(args: argparse.Namespace) -> tuple[ServerConfig, ModelSource]:
     """ValueError on a bad combination or value."""
     if not args.models and not args.repositories:
         raise ValueError("give at least one --model DIR or --model-repository DIR")
+    if args.max_replicas is not None:
+        raise ValueError("--max-replicas is for --engine ray; the grpc engine scales with --instances and --workers")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -123,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
         return int(exc.code or 0)
     configure_logging(args.log_level, args.log_format)
+    if args.engine == "ray":
+        return _main_ray(args)
     try:
         config, source = _config(args)
         registry = source.load()
@@ -141,6 +151,36 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         serve(registry, config, on_listening=announce, source=source)
+    except OSError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    return EXIT_OK
+
+
+def _main_ray(args: argparse.Namespace) -> int:
+    """``--engine ray``: the same options, served by a Ray Serve application (see cloud/ray_serve.py)."""
+    try:
+        from . import ray_serve
+    except ImportError as exc:
+        print(f"{PROG}: error: --engine ray needs Ray Serve: pip install 'splitinfer[ray]' ({exc})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if not args.models and not args.repositories:
+            raise ValueError("give at least one --model DIR or --model-repository DIR")
+        env_token = os.environ.get(TOKEN_ENV, "").strip()
+        tokens = ((env_token,) if env_token else ()) + (read_tokens(args.auth_token_file) if args.auth_token_file else ())
+        config = ray_serve.config_from_args(args, tokens)
+        config.source().load()  # a bad model folder or provider is a usage error here, before Ray starts
+    except (ManifestError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    def announce(port: int) -> None:
+        print(f"{PROG}: Ray Serve application {ray_serve.APP_NAME!r}, gRPC proxy on all interfaces", flush=True)
+        print(f"{PROG}: listening on {args.host}:{port}", flush=True)
+
+    try:
+        ray_serve.serve_forever(config, args.port, on_listening=announce)
     except OSError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
