@@ -6,7 +6,7 @@ from .batcher import BatchConfig, ModelBatcher, decode_and_run, length_buckets, 
 from .engine import OrtEngine, ProviderUnavailable, ServerHalf
 from .registry import LoadedModel, ModelRegistry, RuntimeConfig, load_model
 from .repository import ModelSource, find_model_folders
-from .security import BearerTokenInterceptor, TlsConfig, read_tokens
+from .security import BearerTokenInterceptor, TlsConfig, TlsFileError, read_tokens
 from .server import (
     SERVICE_NAME,
     AsyncSplitInferServer,
@@ -32,7 +32,7 @@ __all__ = [
     "OrtEngine", "ProviderUnavailable", "ServerHalf",
     "LoadedModel", "ModelRegistry", "RuntimeConfig", "load_model",
     "ModelSource", "find_model_folders",
-    "BearerTokenInterceptor", "TlsConfig", "read_tokens",
+    "BearerTokenInterceptor", "TlsConfig", "TlsFileError", "read_tokens",
     "SERVICE_NAME", "AsyncSplitInferServer", "ServerConfig", "SplitInferenceServicer", "SplitInferServer",
     "create_server", "serve",
     "MAX_REQUEST_ID_CHARS", "ModelLookup", "build_response", "decode_request", "route_request", "run_request", "softmax",

@@ -3,8 +3,8 @@
 Once the server accepts calls it prints one line per served export, a metrics line when
 ``--metrics-port`` is given, and then exactly one line ``splitinfer-serve: listening on HOST:PORT``
 to stdout (flushed), which scripts parse to learn the port when ``--port 0`` is given. SIGHUP
-reloads the models (and the token file) without dropping in-flight calls. A bad model folder or
-setting exits 2 with a message on stderr; an address that cannot be bound exits 1.
+reloads the models (and the token file) without dropping in-flight calls. A bad model folder,
+setting or TLS file exits 2 with a message on stderr; an address that cannot be bound exits 1.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .batcher import PADDING_MODES, BatchConfig
 from .logs import LOG_FORMATS, configure_logging
 from .registry import RuntimeConfig
 from .repository import ModelSource
-from .security import TlsConfig, read_tokens
+from .security import TlsConfig, TlsFileError, read_tokens
 from .server import AsyncSplitInferServer, ServerConfig, serve
 
 __all__ = ["PROG", "TOKEN_ENV", "build_parser", "main"]
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         serve(registry, config, on_listening=announce, source=source)
+    except TlsFileError as exc:  # a TLS file changed after it was checked
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except OSError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN

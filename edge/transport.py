@@ -8,6 +8,12 @@ call, sets message size limits explicitly (the same ones the server uses), optio
 Scale-out: given several server addresses, one channel spreads calls over all of them with gRPC's
 ``round_robin`` policy; a server that goes away is skipped, and a call it fails with UNAVAILABLE
 is retried on another (within the same deadline). TLS, mutual TLS and a bearer token are options.
+
+Reconnection: while a server is away, calls fail fast (UNAVAILABLE) and the edge answers degraded;
+gRPC tries to reconnect after an exponential backoff. Its default backoff grows to 120 s, so after
+a 30 s outage the edge kept answering degraded for about 14 s after the server was back; here it
+starts at 0.1 s and stops growing at ``max_reconnect_backoff_s`` (1 s: offloading resumes within
+about 1.2 s of the server accepting connections, measured by ``benchmarks/reconnect.py``).
 """
 from __future__ import annotations
 
@@ -25,11 +31,14 @@ from splitinfer.protos import splitinfer_pb2 as pb
 from splitinfer.protos import splitinfer_pb2_grpc
 from splitinfer.protos.errors import ServerUnavailable, from_rpc_error
 
-__all__ = ["Transport", "GrpcTransport", "channel_target", "split_targets"]
+__all__ = ["DEFAULT_MAX_RECONNECT_BACKOFF_S", "Transport", "GrpcTransport", "channel_target", "reconnect_options",
+           "split_targets"]
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "splitinfer.v1.SplitInference"
+DEFAULT_MAX_RECONNECT_BACKOFF_S = 1.0
+_INITIAL_RECONNECT_BACKOFF_S = 0.1
 
 
 @runtime_checkable
@@ -56,7 +65,8 @@ class GrpcTransport:
     ``authorization: Bearer <token>`` with every call. max_attempts: 1 = no retry; 2..5 = retry
     calls that fail with UNAVAILABLE, within the same deadline (None: 1 for one server, 3 for
     several). wait_for_ready: queue calls while the channel connects instead of failing fast (the
-    deadline still bounds them).
+    deadline still bounds them). max_reconnect_backoff_s: longest wait between two connection
+    attempts while the server is away, seconds (None: gRPC's defaults, 1 s growing to 120 s).
     """
 
     def __init__(
@@ -69,6 +79,7 @@ class GrpcTransport:
         wait_for_ready: bool = False,
         auth_token: str | None = None,
         tls_server_name: str | None = None,
+        max_reconnect_backoff_s: float | None = DEFAULT_MAX_RECONNECT_BACKOFF_S,
     ) -> None:
         targets = split_targets(target)
         if not timeout_s > 0:
@@ -81,6 +92,8 @@ class GrpcTransport:
             raise ValueError(f"max_attempts must be in [1, 5], got {max_attempts}")
         if auth_token is not None and (not auth_token.strip() or any(c.isspace() for c in auth_token.strip())):
             raise ValueError("auth_token must be a non-empty string without whitespace")
+        if max_reconnect_backoff_s is not None and not 0.01 <= max_reconnect_backoff_s <= 300:
+            raise ValueError(f"max_reconnect_backoff_s must be in [0.01, 300] or None, got {max_reconnect_backoff_s}")
         self.targets = tuple(targets)
         self.target = channel_target(targets)
         self.timeout_s = float(timeout_s)
@@ -97,6 +110,7 @@ class GrpcTransport:
             options.append(("grpc.enable_retries", 0))
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
+        options.extend(reconnect_options(max_reconnect_backoff_s))
         if credentials is None:
             self._channel = grpc.insecure_channel(self.target, options=options)
         else:
@@ -129,6 +143,19 @@ class GrpcTransport:
 
     def __repr__(self) -> str:
         return f"GrpcTransport({self.target!r}, timeout_s={self.timeout_s}, max_attempts={self.max_attempts})"
+
+
+def reconnect_options(max_backoff_s: float | None) -> list[tuple[str, int]]:
+    """Channel options for the reconnect backoff: 0.1 s growing (x1.6, +-20% jitter) to ``max_backoff_s``.
+
+    None: none (gRPC's defaults). The connection attempt's own timeout (``grpc.min_reconnect_backoff_ms``,
+    20 s) is left alone, so a slow link still gets to finish its handshake.
+    """
+    if max_backoff_s is None:
+        return []
+    max_ms = round(max_backoff_s * 1e3)
+    return [("grpc.initial_reconnect_backoff_ms", min(round(_INITIAL_RECONNECT_BACKOFF_S * 1e3), max_ms)),
+            ("grpc.max_reconnect_backoff_ms", max_ms)]
 
 
 def split_targets(target: str | Sequence[str]) -> list[str]:
