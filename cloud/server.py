@@ -42,6 +42,7 @@ from .registry import LoadedModel, ModelRegistry
 from .repository import ModelSource
 from .security import BearerTokenInterceptor, TlsConfig, read_tokens
 from .service import MAX_REQUEST_ID_CHARS, ModelLookup, build_response, route_request
+from .stream import DEFAULT_STREAM_WINDOW, parse_stream_request, serve_stream
 
 __all__ = ["SERVICE_NAME", "ServerConfig", "SplitInferenceServicer", "UndecodableRequest", "parse_infer_request",
            "add_servicer", "ModelRouter", "AsyncSplitInferServer", "SplitInferServer", "create_server", "serve"]
@@ -183,10 +184,12 @@ class ModelRouter:
 class SplitInferenceServicer(splitinfer_pb2_grpc.SplitInferenceServicer):
     """``splitinfer.v1.SplitInference`` on grpc.aio: decode, batch, answer; errors become status codes."""
 
-    def __init__(self, router: ModelRouter, metrics: ServerMetrics, max_tokens: int | None = None) -> None:
+    def __init__(self, router: ModelRouter, metrics: ServerMetrics, max_tokens: int | None = None,
+                 stream_window: int = DEFAULT_STREAM_WINDOW) -> None:
         self._router = router
         self._metrics = metrics
         self._max_tokens = max_tokens
+        self._stream_window = stream_window
 
     async def Infer(self, request: "pb.InferRequest | UndecodableRequest",
                     context: grpc.aio.ServicerContext) -> pb.InferResponse:
@@ -228,6 +231,12 @@ class SplitInferenceServicer(splitinfer_pb2_grpc.SplitInferenceServicer):
             "code": code.name})
         await context.abort(code, message)
 
+    async def InferStream(self, messages, context: grpc.aio.ServicerContext):
+        """Many requests over one call, each answered like ``Infer`` (see cloud/stream.py)."""
+        async for answer in serve_stream(self._router, self._metrics, self._max_tokens, messages, context,
+                                         self._stream_window):
+            yield answer
+
     async def _refuse_undecodable(self, request: "UndecodableRequest", context: grpc.aio.ServicerContext,
                                   received_at: float) -> None:
         """Bytes that are not an InferRequest: counted, logged in one line, answered INVALID_ARGUMENT."""
@@ -264,11 +273,14 @@ def parse_infer_request(data: bytes) -> "pb.InferRequest | UndecodableRequest":
 
 def add_servicer(servicer: SplitInferenceServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer`` like the generated ``add_SplitInferenceServicer_to_server``, but with
-    :func:`parse_infer_request` as the request deserializer."""
+    :func:`parse_infer_request` (and :func:`~.stream.parse_stream_request`) as the request deserializers."""
     handlers = {
         "Infer": grpc.unary_unary_rpc_method_handler(
             servicer.Infer, request_deserializer=parse_infer_request,
             response_serializer=pb.InferResponse.SerializeToString),
+        "InferStream": grpc.stream_stream_rpc_method_handler(
+            servicer.InferStream, request_deserializer=parse_stream_request,
+            response_serializer=pb.StreamResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
