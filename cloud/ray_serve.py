@@ -29,12 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 from ray import serve
 from ray.serve.config import AutoscalingConfig, gRPCOptions
 
 from splitinfer.protos import SplitInferError, Unauthenticated
 from splitinfer.protos import splitinfer_pb2 as pb
+from splitinfer.protos.errors import status_code_for, status_details
 
 from .batcher import PADDING_MODES, decode_and_run
 from .engine import RuntimeConfig
@@ -147,11 +147,11 @@ class SplitInferDeployment:
             return build_response(request, model, probabilities, decode_ms=decode_ms, compute_ms=compute_ms,
                                   received_at=received_at)
         except SplitInferError as exc:
-            code, message = exc.code, str(exc)
-        except Exception:
+            code, message = status_code_for(exc), status_details(exc)
+        except Exception as exc:
             logger.exception("Infer model=%r request_id=%r: unexpected error", request.model[:64],
                              request.request_id[:MAX_REQUEST_ID_CHARS])
-            code, message = grpc.StatusCode.INTERNAL, "internal server error; the replica log has the details"
+            code, message = status_code_for(exc), status_details(exc)
         grpc_context.set_code(code)
         grpc_context.set_details(message)
         return pb.InferResponse()

@@ -101,10 +101,6 @@ def test_the_edge_gets_the_same_answers_from_ray_serve_as_from_splitinfer_serve(
         np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=1e-5, atol=1e-6)
 
 
-def _request(manifest, make_request, **fields):
-    return make_request(count=5, seed=3, **fields)
-
-
 def test_a_manifest_mismatch_is_failed_precondition(ray_app, make_request):
     with GrpcTransport(ray_app, timeout_s=10.0, auth_token=TOKEN) as transport:
         with pytest.raises(ManifestMismatch) as info:
