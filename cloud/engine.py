@@ -20,16 +20,15 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import onnxruntime as ort
 
-from splitinfer.protos import Manifest, ManifestError, PacketLimits
+from splitinfer.protos import Manifest, ManifestError, PacketLimits, graphs
 
 __all__ = ["TOKENS_INPUT", "MASK_INPUT", "OUTPUT_FOR_TASK", "PROVIDER_ALIASES", "ServerHalf", "ProviderUnavailable",
            "RuntimeConfig", "resolve_provider", "create_session", "OrtEngine"]
 
 logger = logging.getLogger(__name__)
 
-TOKENS_INPUT = "tokens"
-MASK_INPUT = "mask"
-OUTPUT_FOR_TASK = {"classification": "logits", "embedding": "embedding"}
+TOKENS_INPUT, MASK_INPUT = graphs.server_inputs()
+OUTPUT_FOR_TASK = {task: graphs.server_output(task) for task in ("classification", "embedding")}
 CPU_PROVIDER = "CPUExecutionProvider"
 PROVIDER_ALIASES = {"cpu": CPU_PROVIDER, "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
                     "rocm": "ROCMExecutionProvider", "openvino": "OpenVINOExecutionProvider"}

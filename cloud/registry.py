@@ -67,7 +67,7 @@ def load_model(folder: str | Path, config: RuntimeConfig = RuntimeConfig()) -> L
     Raises ManifestError when the folder, its manifest or its server half is unusable.
     """
     manifest = load_manifest(Path(folder), verify_files=True, need=("server",))
-    task = manifest.data.get("task", "classification")
+    task = manifest.task
     engine = OrtEngine.load(manifest, task, config)  # the provider checked, the signature checked, run once
     model = LoadedModel(manifest=manifest, engine=engine, packet_limits=PacketLimits.for_manifest(manifest),
                         task=task, output_size=engine.output_width)

@@ -61,7 +61,7 @@ def test_edge_through_real_server_matches_local_computation(tiny_model_dir, live
     limits = PacketLimits.for_manifest(manifest)
     for result, request in zip(results, transport.requests):
         assert result.bytes_sent == request.ByteSize() > 0
-        assert 2 <= result.tokens_sent <= manifest.selection_budget + 1
+        assert 2 <= result.tokens_sent <= manifest.selection.budget + 1
         tokens, _ = decode_tokens(request.packet, limits)
         logits = server_half.run(None, {"tokens": tokens[None], "mask": np.ones((1, len(tokens)), bool)})[0][0]
         expected = np.exp(logits - logits.max())
@@ -100,7 +100,7 @@ def test_cli_edge_against_cli_server(tiny_model_dir, canvases, tmp_path):
                 address = match.group(1)
                 break
         assert address, "server did not report its address"
-        edge = subprocess.run([sys.executable, "-m", "splitinfer.edge.cli", "--model", str(tiny_model_dir),
+        edge = subprocess.run([sys.executable, "-m", "splitinfer.edge.cli", "classify", "--model", str(tiny_model_dir),
                                "--server", address, "--threshold", "2", "--json", str(tmp_path)],
                               capture_output=True, text=True, timeout=60)
         assert edge.returncode == 0, edge.stderr
