@@ -23,7 +23,8 @@ import zstandard
 from . import splitinfer_pb2 as pb
 from .errors import InvalidPacket
 
-__all__ = ["CodecConfig", "PacketLimits", "DEFAULT_MAX_ABS_VALUE", "load_dictionary", "ENCODINGS", "COMPRESSIONS", "SCALE_DTYPES", "encode_tokens",
+__all__ = ["CodecConfig", "PacketLimits", "DEFAULT_MAX_ABS_VALUE", "load_dictionary", "ENCODINGS", "COMPRESSIONS",
+           "SCALE_DTYPES", "encode_tokens",
            "decode_tokens", "quantize", "dequantize", "quantize_int8", "dequantize_int8", "pack_int4",
            "unpack_int4", "raw_payload_bytes"]
 

@@ -60,7 +60,9 @@ def test_kill_and_restart_under_load(tiny_model_dir: Path, tmp_path: Path) -> No
           f"{resumed_s if resumed_s is None else round(resumed_s, 3)} s after the server accepted connections")
     assert run.lost == 0 and not run.raised, run.raised[:3]
     assert not late, [(o.latency_ms, o.error) for o in late[:3]]
-    assert run.count("server", since=killed_at + 0.1) == run.count("server", since=restarted_at)  # none from a dead server
+    from_the_dead = [o for o in run.outcomes
+                     if o.decided_on == "server" and killed_at + 0.1 < o.sent_at < restarted_at - 0.2]
+    assert not from_the_dead  # nothing answered while no server ran
     assert run.count("degraded", since=killed_at) > 0
     assert {o.decided_on for o in run.outcomes} <= {"server", "degraded"}
     assert resumed_s is not None and resumed_s <= RESUME_WITHIN_S
