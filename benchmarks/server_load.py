@@ -1,7 +1,8 @@
-"""Load on the real server over loopback: dynamic batching on vs off, pruned vs all tokens, pad vs bucket.
+"""Load on the real server over loopback: batching on vs off, InferStream vs unary calls, Ray Serve vs
+splitinfer-serve, pruned vs all tokens, pad vs bucket, against the compute-only limit of server.onnx.
 
-    python benchmarks/server_load.py                      # 1, 8, 64 clients; about 2-3 minutes
-    python benchmarks/server_load.py --clients 1,64 --rounds 2 --window-s 2
+    python benchmarks/server_load.py                      # 1, 8, 64 clients; about 6 minutes
+    python benchmarks/server_load.py --clients 1,64 --rounds 2 --window-s 2 --skip-ray
 
 What it does: runs the device half on cluttered-MNIST test canvases and keeps the packets the edge
 sends when it offloads (pruned tokens, the manifest's codec), and the same inputs with all tokens;
@@ -10,8 +11,18 @@ starts ``splitinfer-serve`` processes on 127.0.0.1 that differ only in the setti
 own connection, sending the next request when the last is answered, with a deadline) drive one
 server at a time. Each round cuts its window into short slices that alternate between the two
 settings (ABAB, then BABA next round), so bursts of load from elsewhere on the machine hit both
-sides alike; the table shows medians over rounds and the median of the per-round ratios. Clients run in worker processes with grpc.aio and send
-pre-serialized requests, so the load generator costs little of the CPU the server needs.
+sides alike; the table shows medians over rounds and the median of the per-round ratios. Clients
+run in worker processes with grpc.aio and send pre-serialized requests, so the load generator
+costs little of the CPU the server needs. Streaming clients keep one InferStream each, open across
+windows, in the same closed loop (write a request, read its answer). Ray Serve runs as
+``splitinfer-serve --engine ray`` (one replica), compared with the unary splitinfer-serve last.
+
+The compute-only limit is server.onnx alone in ONNX Runtime on the same packets (decoded and padded
+up front), batch ``--max-batch-size``, ``--threads`` intra-op threads, in this process; it is sampled
+between comparisons while the servers idle, and the median is reported (``compute_limit_rps``), so
+it saw the same machine as the servers. ``modes`` in the JSON gives, per server mode and client
+count, ``rps``, ``p50_ms``, ``p99_ms``, the share of the limit and the server's CPU per request
+(from /proc; a figure less sensitive to other load on the machine than requests/s).
 
 The batch-size histogram comes from the server's own Prometheus endpoint (scraped before and after
 each window). Results go to ``benchmarks/results/server_load.json`` (``--out``). Only 127.0.0.1 is
@@ -471,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-ray", action="store_true", help="skip Ray Serve (needs splitinfer[ray])")
     parser.add_argument("--limit-s", type=float, default=1.0,
                         help="seconds of each compute-only sample (taken between comparisons)")
-    parser.add_argument("--max-total-s", type=float, default=300.0, help="stop starting new windows after this")
+    parser.add_argument("--max-total-s", type=float, default=900.0, help="stop starting new windows after this")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "server_load.json")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]

@@ -77,7 +77,9 @@ class GrpcTransport:
     streaming: carry requests over one long-lived ``InferStream`` call (less per-call cost when a
     device sends many inputs, from one thread or several at once) instead of one ``Infer`` call
     each; a server without InferStream (UNIMPLEMENTED) gets unary calls from then on, and so does a
-    request with an empty or duplicate request_id. A stream that ends is reopened on the next call.
+    request with an empty or duplicate request_id. A stream that breaks (UNAVAILABLE) sends the
+    request it was carrying as a unary call (retried on another server as above) and is reopened
+    on the next call.
     """
 
     def __init__(
@@ -169,6 +171,8 @@ class GrpcTransport:
                 logger.info("%s has no InferStream: unary Infer calls from now on", self.target)
                 self.streaming = False
                 raise _UseUnary from None
+            if exc.code == grpc.StatusCode.UNAVAILABLE and not stream.alive:
+                raise _UseUnary from None  # the stream broke: this request goes unary (with its retry policy)
             raise
 
     def close(self) -> None:

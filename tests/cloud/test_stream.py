@@ -17,6 +17,7 @@ from splitinfer.protos import (
     InvalidPacket,
     ManifestMismatch,
     ModelNotFound,
+    SplitInferError,
     Unauthenticated,
     splitinfer_pb2_grpc,
 )
@@ -73,8 +74,8 @@ def test_a_message_that_is_not_a_stream_request_ends_the_call_invalid_argument(c
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "StreamRequest" in info.value.details()
 
 
-def _serve(registry, **settings):
-    server, port = create_server(registry, port=0, **settings)
+def _serve(registry, port: int = 0, **settings):
+    server, port = create_server(registry, port=port, **settings)
     server.start()
     return server, port
 
@@ -189,3 +190,27 @@ def test_transport_deadline_on_a_stalled_stream(blocking_registry, make_request)
     finally:
         session.release.set()
         server.stop(0).wait(5)
+
+
+def test_transport_reopens_its_stream_after_the_server_comes_back(tiny_registry, make_request) -> None:
+    server, port = _serve(tiny_registry)
+    with GrpcTransport(f"127.0.0.1:{port}", timeout_s=2.0, streaming=True) as transport:
+        assert transport.infer(make_request(seed=1)).request_id == "req-1"
+        server.stop(0).wait(5)
+        with pytest.raises(SplitInferError) as info:  # the edge answers degraded on it
+            transport.infer(make_request(seed=2))
+        assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        server, _ = _serve(tiny_registry, port=port)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    answer = transport.infer(make_request(seed=3))
+                    break
+                except SplitInferError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            assert answer.request_id == "req-3" and transport.streaming
+        finally:
+            server.stop(0).wait(5)
