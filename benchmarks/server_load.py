@@ -60,7 +60,6 @@ METRICS = re.compile(r"metrics on (\S+)")
 
 def build_requests(model_dir: Path, n: int) -> tuple[list[bytes], list[bytes], dict]:
     """Serialized InferRequests for ``n`` test canvases: (pruned as the edge sends them, all tokens, stats)."""
-    from splitinfer.edge.preprocess import preprocess
     from splitinfer.edge.runner import EdgeRunner
     from splitinfer.edge.session import DeviceSession
     from splitinfer.export.data import make_split
@@ -73,12 +72,13 @@ def build_requests(model_dir: Path, n: int) -> tuple[list[bytes], list[bytes], d
     images, _labels = make_split("test", n=n)
     pruned, full, pruned_tokens = [], [], []
     for i, image in enumerate(images):
-        _exit, tokens, importance = session.run(preprocess(image, runner.spec))  # (1, N, d), (1, P)
+        _exit, tokens, importance = session.run(runner.front_end(image))  # (1, N, d), (1, P)
         request = runner.build_request(tokens[0], importance[0], request_id=f"load-{i}")
         pruned.append(request.SerializeToString())
         pruned_tokens.append(request.packet.num_tokens)
         everything = pb.InferRequest(model=manifest.name, manifest_sha256=manifest.sha256, request_id=f"load-{i}",
-                                     packet=encode_tokens(tokens[0], np.arange(tokens.shape[1]), runner.codec))
+                                     packet=encode_tokens(tokens[0], np.arange(tokens.shape[1]), runner.codec,
+                                                          zstd_dictionary=runner.zstd_dictionary))
         full.append(everything.SerializeToString())
     stats = {
         "n_packets": n,
