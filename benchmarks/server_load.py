@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = LoadGenerator({"pruned": pruned, "all_tokens": full, "pruned" + STREAM_SUFFIX: streamed}, args.processes)
     report: dict = {"packets": packet_stats, "settings": vars(args) | {"model_dir": str(args.model_dir),
                                                                         "out": str(args.out)},
-                    "cpu_count": os.cpu_count(), "batching": {}, "streaming": {}, "ray": {},
+                    "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "batching": {}, "streaming": {}, "ray": {},
                     "tokens": None, "padding": None}
     on = servers["batching_on"]
     ray_server = None
@@ -545,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         shutil.rmtree(snapshot, ignore_errors=True)
     report.update(limit.report())
+    report["load_average_at_end"] = os.getloadavg()  # other work on the machine during the run
     report["modes"] = _modes(report)
     report["total_s"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
