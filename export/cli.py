@@ -97,8 +97,12 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", choices=("frozen", "light"), default="frozen")
     p.add_argument("--straight-through-weight", type=float, default=0.0,
                    help="weight of the straight-through top-k distillation term (default 0: rollout target only)")
+    p.add_argument("--bottleneck-dims", default="",
+                   help="also train learned split bottlenecks of these widths, e.g. 32,16 (any adapter)")
+    p.add_argument("--bottleneck-steps", type=int, default=400)
+    p.add_argument("--no-exit-scorer", action="store_true", help="train only the bottlenecks")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="file to write (exit head + scorer, .pt)")
+    p.add_argument("--out", type=Path, required=True, help="file to write (exit head + scorer + bottlenecks, .pt)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -174,11 +178,6 @@ def _export(args: argparse.Namespace) -> int:
     backbone = model.backbone
     if model.importance == "learned" and backbone.input_kind == "image" and args.budget != "auto":
         model.keep_ratio = min(1.0, int(args.budget) / (backbone.manifest_fields()["tokens"]["num_tokens"] - 1))
-    spec = args.data or default_data(args.adapter, backbone.task)
-    if spec is None:
-        raise ValueError(f"--adapter {args.adapter} ({backbone.task}) needs --data: calibration inputs"
-                         " (imagefolder:DIR for images, bbcnews for text)")
-    calibration = load_dataset(spec, "calibration", backbone, n=args.calibration_size)
     auto = lambda value, kind: value if value in ("auto", "none") else kind(value)  # noqa: E731
     name = args.name or {"builtin": "vit-cluttered-mnist", "timm": args.timm_model,
                          "hf": Path(str(args.hf_model)).name}[args.adapter]
@@ -186,6 +185,12 @@ def _export(args: argparse.Namespace) -> int:
                             budget=auto(args.budget, int), bottleneck=auto(args.bottleneck, int),
                             encoding=args.encoding, max_accuracy_drop=args.max_accuracy_drop,
                             calibration_size=args.calibration_size, quantize=args.quantize, plot=not args.no_plot)
+    options.space_for(model)  # an option the model cannot take fails before any data is read
+    spec = args.data or default_data(args.adapter, backbone.task)
+    if spec is None:
+        raise ValueError(f"--adapter {args.adapter} ({backbone.task}) needs --data: calibration inputs"
+                         " (imagefolder:DIR for images, bbcnews for text)")
+    calibration = load_dataset(spec, "calibration", backbone, n=args.calibration_size)
     manifest = export_split_model(model, args.out, options, calibration)
     c = manifest.calibration
     report = {"model_dir": str(args.out), "name": manifest.name, "version": manifest.version, "task": manifest.task,
@@ -234,49 +239,78 @@ def _train(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     import torch
 
+    from .datasets import default_data, load_dataset
     from .finetune import FinetuneConfig, finetune
 
-    if args.adapter == "timm":
-        raise ValueError("finetune takes --adapter builtin or hf (timm: use --data imagefolder:DIR with export)")
     model = build_split_model(args)
-    cfg = FinetuneConfig(steps=args.steps, lr=args.lr, backbone=args.backbone, seed=args.seed,
-                         straight_through_weight=args.straight_through_weight,
-                         train_exit=args.adapter != "builtin",
-                         cache_batches=0 if args.backbone == "light" else min(args.steps, 64))
-    if args.adapter == "hf":
-        from .adapters.hf_bert import tokenize
-        from .text_data import load_corpus
+    backbone = model.backbone
+    widths = tuple(int(w) for w in args.bottleneck_dims.split(",") if w.strip())
+    spec = args.data or default_data(args.adapter, backbone.task)
+    if args.adapter == "hf" and args.texts is not None:
+        if args.data is not None:
+            raise ValueError("--texts and --data exclude each other")
+        spec = None
+    elif args.texts is not None:
+        raise ValueError("--texts applies to --adapter hf")
+    summary: dict = {}
+    train = load_dataset(spec, "train", backbone) if spec is not None else None
+    if not args.no_exit_scorer:
+        cfg = FinetuneConfig(steps=args.steps, lr=args.lr, backbone=args.backbone, seed=args.seed,
+                             straight_through_weight=args.straight_through_weight,
+                             train_exit=args.adapter != "builtin",
+                             cache_batches=0 if args.backbone == "light" else min(args.steps, 64))
+        summary = finetune(model, _batches(args, model, train), cfg, progress=not args.no_progress)
+    if widths:
+        if train is None:
+            raise ValueError("--bottleneck-dims needs --data (the inputs to fit the bottlenecks on)")
+        from .bottleneck import train_bottlenecks
 
-        texts = ([t.strip() for t in args.texts.read_text().splitlines() if t.strip()] if args.texts
-                 else load_corpus("train"))
-        tokenizer_file = Path(args.hf_model) / "tokenizer.json"
-
-        def batches(seed):
-            rng = random.Random(seed)
-            while True:
-                chunk = sorted(rng.sample(texts, min(len(texts), args.batch_size * 8)), key=len)
-                for i in range(0, len(chunk), args.batch_size):
-                    yield tokenize(tokenizer_file, chunk[i:i + args.batch_size], model.backbone.max_length), None
-    else:
-        from .data import ClutterConfig, make_split
-        from .preprocess import normalize
-
-        def batches(seed):
-            epoch = 0
-            while True:
-                xs, ys = make_split("train", n=args.batch_size * 32, config=ClutterConfig(), seed=0)
-                order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed + epoch)).numpy()
-                for i in range(0, len(order), args.batch_size):
-                    sel = order[i:i + args.batch_size]
-                    yield {"image": torch.from_numpy(normalize(xs[sel]))}, torch.from_numpy(ys[sel])
-                epoch += 1
-    summary = finetune(model, batches, cfg, progress=not args.no_progress)
+        summary["bottlenecks"] = train_bottlenecks(model, train, widths, steps=args.bottleneck_steps, seed=args.seed)
+    if not summary:
+        raise ValueError("nothing to train: --no-exit-scorer without --bottleneck-dims")
     blob = {"format": HEADS_FORMAT, "adapter": args.adapter, "split": model.split, "state": model.trainable_state(),
             "backbone_state": model.backbone.state_dict() if args.backbone == "light" else None, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(blob, args.out)
     print(json.dumps({"heads": str(args.out), **summary}, indent=2))
     return 0
+
+
+def _batches(args: argparse.Namespace, model, train):
+    """batches(seed) for finetune(): the training split of --data (labels when it has them), or the
+    lines of --texts / the docstring corpus for a text model."""
+    import numpy as np
+    import torch
+
+    from .datasets import Dataset
+
+    if train is not None:
+        def batches(seed):
+            epoch = 0
+            while True:
+                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+                for i in range(0, len(order) - args.batch_size + 1, args.batch_size):
+                    rows = np.sort(order[i:i + args.batch_size])
+                    part = Dataset(train.name, {k: v[rows] for k, v in train.inputs.items()},
+                                   None if train.labels is None else train.labels[rows])
+                    inputs, _ = next(part.batches(len(rows)))
+                    yield inputs, None if part.labels is None else torch.from_numpy(part.labels)
+                epoch += 1
+        return batches
+    from .adapters.hf_bert import tokenize
+    from .text_data import load_corpus
+
+    texts = ([t.strip() for t in args.texts.read_text().splitlines() if t.strip()] if args.texts
+             else load_corpus("train"))
+    tokenizer_file = Path(args.hf_model) / "tokenizer.json"
+
+    def text_batches(seed):
+        rng = random.Random(seed)
+        while True:
+            chunk = sorted(rng.sample(texts, min(len(texts), args.batch_size * 8)), key=len)
+            for i in range(0, len(chunk), args.batch_size):
+                yield tokenize(tokenizer_file, chunk[i:i + args.batch_size], model.backbone.max_length), None
+    return text_batches
 
 
 if __name__ == "__main__":

@@ -143,8 +143,12 @@ class InputSpec(_Section):
     def __post_init__(self) -> None:
         if self.kind not in INPUT_KINDS:
             raise ValueError(f"kind must be one of {INPUT_KINDS}, got {self.kind!r}")
-        if self.kind == "image" and not isinstance(self.preprocessing, Mapping):
-            raise ValueError("an image input needs a preprocessing object")
+        if self.kind == "image":
+            from .preprocessing import ImagePreprocessing
+
+            if isinstance(self.preprocessing, ImagePreprocessing):
+                object.__setattr__(self, "preprocessing", self.preprocessing.to_dict())
+            ImagePreprocessing.load(self.preprocessing)  # validates, naming the bad field
         if self.kind == "text":
             _integer("max_length", self.max_length, 2)
 
@@ -218,15 +222,8 @@ class CodecSpec(_Section):
     scale_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
-        from .codec import COMPRESSIONS, ENCODINGS, SCALE_DTYPES
-
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}, got {self.encoding!r}")
-        if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, got {self.compression!r}")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
         _integer("group_size", self.group_size, 0)
+        self.config()  # the codec validates its own settings
 
     def config(self):
         from .codec import CodecConfig
@@ -365,10 +362,13 @@ class Manifest:
         return self.exit.threshold
 
     @property
-    def preprocessing(self) -> Mapping:
+    def preprocessing(self):
+        """The image preprocessing (:class:`~splitinfer.protos.preprocessing.ImagePreprocessing`)."""
         if self.input.kind != "image":
             raise ManifestError(f"{self.name} is a {self.input.kind} model: it has no image preprocessing")
-        return self.input.preprocessing
+        from .preprocessing import ImagePreprocessing
+
+        return ImagePreprocessing.load(self.input.preprocessing)
 
     def path(self, role: str) -> Path:
         """The file of ``role`` (device, server, device_int8, tokenizer, zstd_dictionary) in the folder."""

@@ -85,7 +85,7 @@ def test_timm_deit_tiny_split_export_parity(tmp_path):
     assert max(manifest.info["parity_max_abs_diff"].values()) < 1e-4
     m = load_manifest(tmp_path / "deit")
     assert m.num_tokens == 197 and m.dim == 192 and len(m.classes) == 1000 and m == manifest
-    assert m.preprocessing["color"] in ("rgb", "RGB") and m.task == "classification"
+    assert m.preprocessing.color == "RGB" and m.task == "classification"
 
 
 def test_timm_checkpoint_file_is_loaded(tmp_path):
@@ -248,3 +248,27 @@ def test_cli_finetune_then_export_with_heads(tmp_path, capsys):
     assert main(["export", "--adapter", "hf", "--hf-model", str(folder), "--split", "2", "--heads", str(heads),
                  "--out", str(tmp_path / "bad")]) == 2
     assert "trained for split 1" in capsys.readouterr().err
+
+
+def test_cli_text_model_with_int8_and_a_trained_bottleneck(tmp_path, capsys):
+    """A text model gets the whole system: a bottleneck trained by finetune, then export with
+    --quantize int8 --bottleneck W writes the INT8 half, the zstd dictionary and the table."""
+    from splitinfer.export.cli import main
+
+    folder = make_tiny_hf_folder(tmp_path / "hf", "bert", 3)
+    heads = tmp_path / "heads.pt"
+    assert main(["finetune", "--adapter", "hf", "--hf-model", str(folder), "--split", "1", "--max-length", "24",
+                 "--data", "docstrings", "--bottleneck-dims", "8", "--bottleneck-steps", "20", "--no-exit-scorer",
+                 "--out", str(heads), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    assert main(["export", "--adapter", "hf", "--hf-model", str(folder), "--split", "1", "--max-length", "24",
+                 "--heads", str(heads), "--quantize", "int8", "--bottleneck", "8", "--encoding", "int4",
+                 "--data", "docstrings", "--calibration-size", "40", "--out", str(out)]) == 0
+    for name in ("device.int8.onnx", "zstd.dict", "operating_points.json", "pareto.png", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    m = load_manifest(out)
+    assert m.bottleneck == 8 and m.dim == 8 and m.codec.encoding == "int4" and "device_int8" in m.files
+    capsys.readouterr()
+    assert main(["export", "--adapter", "hf", "--hf-model", str(folder), "--split", "1", "--bottleneck", "16",
+                 "--heads", str(heads), "--out", str(tmp_path / "bad")]) == 2
+    assert "no learned bottleneck of width 16" in capsys.readouterr().err
