@@ -16,6 +16,7 @@ as 0.1 computed it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import platform
@@ -308,7 +309,7 @@ class Manifest:
             raise ManifestError(f"manifest.json: bottleneck {self.bottleneck} must equal tokens.dim {self.tokens.dim}")
 
     # -- identity
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         """The deployment hash (see the module docstring)."""
         if self.format == FORMAT_V1:
