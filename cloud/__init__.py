@@ -3,6 +3,7 @@
 Never imports torch: the server half is an ONNX graph run by ONNX Runtime.
 """
 from .batcher import BatchConfig, ModelBatcher, decode_and_run, length_buckets, pad_tokens, run_batch
+from .engine import OrtEngine, ProviderUnavailable, ServerHalf
 from .registry import LoadedModel, ModelRegistry, RuntimeConfig, load_model
 from .repository import ModelSource, find_model_folders
 from .security import BearerTokenInterceptor, TlsConfig, TlsFileError, read_tokens
@@ -28,6 +29,7 @@ from .service import (
 
 __all__ = [
     "BatchConfig", "ModelBatcher", "decode_and_run", "length_buckets", "pad_tokens", "run_batch",
+    "OrtEngine", "ProviderUnavailable", "ServerHalf",
     "LoadedModel", "ModelRegistry", "RuntimeConfig", "load_model",
     "ModelSource", "find_model_folders",
     "BearerTokenInterceptor", "TlsConfig", "TlsFileError", "read_tokens",

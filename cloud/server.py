@@ -42,6 +42,7 @@ from .registry import LoadedModel, ModelRegistry
 from .repository import ModelSource
 from .security import BearerTokenInterceptor, TlsConfig, read_tokens
 from .service import MAX_REQUEST_ID_CHARS, ModelLookup, build_response, route_request
+from .stream import DEFAULT_STREAM_WINDOW, parse_stream_request, serve_stream
 
 __all__ = ["SERVICE_NAME", "ServerConfig", "SplitInferenceServicer", "UndecodableRequest", "parse_infer_request",
            "add_servicer", "ModelRouter", "AsyncSplitInferServer", "SplitInferServer", "create_server", "serve"]
@@ -80,6 +81,7 @@ class ServerConfig:
     metrics_host: str | None = None
     metrics_port: int | None = None
     reflection: bool = True
+    health_port: int | None = None  # a second, plaintext listener with only the health service (probes)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -98,6 +100,8 @@ class ServerConfig:
             raise ValueError(f"max_tokens_per_request must be >= 1 or None, got {self.max_tokens_per_request}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
         object.__setattr__(self, "auth_tokens", tuple(self.auth_tokens))
         if self.auth_token_file is not None:
             object.__setattr__(self, "auth_token_file", Path(self.auth_token_file))
@@ -180,10 +184,12 @@ class ModelRouter:
 class SplitInferenceServicer(splitinfer_pb2_grpc.SplitInferenceServicer):
     """``splitinfer.v1.SplitInference`` on grpc.aio: decode, batch, answer; errors become status codes."""
 
-    def __init__(self, router: ModelRouter, metrics: ServerMetrics, max_tokens: int | None = None) -> None:
+    def __init__(self, router: ModelRouter, metrics: ServerMetrics, max_tokens: int | None = None,
+                 stream_window: int = DEFAULT_STREAM_WINDOW) -> None:
         self._router = router
         self._metrics = metrics
         self._max_tokens = max_tokens
+        self._stream_window = stream_window
 
     async def Infer(self, request: "pb.InferRequest | UndecodableRequest",
                     context: grpc.aio.ServicerContext) -> pb.InferResponse:
@@ -225,6 +231,12 @@ class SplitInferenceServicer(splitinfer_pb2_grpc.SplitInferenceServicer):
             "code": code.name})
         await context.abort(code, message)
 
+    async def InferStream(self, messages, context: grpc.aio.ServicerContext):
+        """Many requests over one call, each answered like ``Infer`` (see cloud/stream.py)."""
+        async for answer in serve_stream(self._router, self._metrics, self._max_tokens, messages, context,
+                                         self._stream_window):
+            yield answer
+
     async def _refuse_undecodable(self, request: "UndecodableRequest", context: grpc.aio.ServicerContext,
                                   received_at: float) -> None:
         """Bytes that are not an InferRequest: counted, logged in one line, answered INVALID_ARGUMENT."""
@@ -261,11 +273,14 @@ def parse_infer_request(data: bytes) -> "pb.InferRequest | UndecodableRequest":
 
 def add_servicer(servicer: SplitInferenceServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer`` like the generated ``add_SplitInferenceServicer_to_server``, but with
-    :func:`parse_infer_request` as the request deserializer."""
+    :func:`parse_infer_request` (and :func:`~.stream.parse_stream_request`) as the request deserializers."""
     handlers = {
         "Infer": grpc.unary_unary_rpc_method_handler(
             servicer.Infer, request_deserializer=parse_infer_request,
             response_serializer=pb.InferResponse.SerializeToString),
+        "InferStream": grpc.stream_stream_rpc_method_handler(
+            servicer.InferStream, request_deserializer=parse_stream_request,
+            response_serializer=pb.StreamResponse.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -291,6 +306,8 @@ class AsyncSplitInferServer:
                       if tokens else None)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
         self.refusing = threading.Event()  # set once a stop has begun: new calls are refused from then on
@@ -336,6 +353,16 @@ class AsyncSplitInferServer:
             raise OSError(f"cannot listen on {c.address()}: {exc}") from exc
         if bound == 0:
             raise OSError(f"cannot listen on {c.address()}")
+        if c.health_port is not None:  # plaintext health only: orchestrator probes cannot speak TLS
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            try:
+                self.health_port = health_server.add_insecure_port(c.address(c.health_port))
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on {c.address(c.health_port)}: {exc}") from exc
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {c.address(c.health_port)}")
+            self._health_server = health_server
         for service in ("", SERVICE_NAME, *self._health_names()):
             await self.health.set(service, _SERVING)
         self._server, self.port, self.address = server, bound, c.address(bound)
@@ -349,6 +376,8 @@ class AsyncSplitInferServer:
                                                    self.config.metrics_port)
             self.metrics_url = self._metrics_http.url
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         logger.info("listening on %s", self.address, extra={
             "tls": "mutual" if self.config.tls and self.config.tls.mutual else bool(self.config.tls),
             "auth": self._auth is not None, "metrics": self.metrics_url or "off"})
@@ -405,6 +434,8 @@ class AsyncSplitInferServer:
             self.refusing.set()
             await grpc_stop
         self.refusing.set()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.router.close()
         self._executor.shutdown(wait=False)
         if self._metrics_http is not None:
@@ -442,6 +473,11 @@ class SplitInferServer:
     @property
     def metrics_url(self) -> str | None:
         return self._inner.metrics_url
+
+    @property
+    def health_port(self) -> int | None:
+        """The plaintext health-only port (``ServerConfig.health_port``), None without one."""
+        return self._inner.health_port
 
     def _call(self, coro, timeout: float | None = 30.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

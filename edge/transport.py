@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import socket
+import threading
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -29,7 +30,9 @@ import grpc
 from splitinfer.protos import DEFAULT_MAX_MESSAGE_BYTES
 from splitinfer.protos import splitinfer_pb2 as pb
 from splitinfer.protos import splitinfer_pb2_grpc
-from splitinfer.protos.errors import ServerUnavailable, from_rpc_error
+from splitinfer.protos.errors import ServerUnavailable, SplitInferError, from_rpc_error
+
+from .streaming import DuplicateRequestId, InferStreamCall
 
 __all__ = ["DEFAULT_MAX_RECONNECT_BACKOFF_S", "Transport", "GrpcTransport", "channel_target", "reconnect_options",
            "split_targets"]
@@ -39,6 +42,10 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "splitinfer.v1.SplitInference"
 DEFAULT_MAX_RECONNECT_BACKOFF_S = 1.0
 _INITIAL_RECONNECT_BACKOFF_S = 0.1
+
+
+class _UseUnary(Exception):
+    """This request goes as a unary call (the server has no InferStream, or its request_id cannot be matched)."""
 
 
 @runtime_checkable
@@ -67,6 +74,12 @@ class GrpcTransport:
     several). wait_for_ready: queue calls while the channel connects instead of failing fast (the
     deadline still bounds them). max_reconnect_backoff_s: longest wait between two connection
     attempts while the server is away, seconds (None: gRPC's defaults, 1 s growing to 120 s).
+    streaming: carry requests over one long-lived ``InferStream`` call (less per-call cost when a
+    device sends many inputs, from one thread or several at once) instead of one ``Infer`` call
+    each; a server without InferStream (UNIMPLEMENTED) gets unary calls from then on, and so does a
+    request with an empty or duplicate request_id. A stream that breaks (UNAVAILABLE) sends the
+    request it was carrying as a unary call (retried on another server as above) and is reopened
+    on the next call.
     """
 
     def __init__(
@@ -80,6 +93,7 @@ class GrpcTransport:
         auth_token: str | None = None,
         tls_server_name: str | None = None,
         max_reconnect_backoff_s: float | None = DEFAULT_MAX_RECONNECT_BACKOFF_S,
+        streaming: bool = False,
     ) -> None:
         targets = split_targets(target)
         if not timeout_s > 0:
@@ -117,11 +131,21 @@ class GrpcTransport:
             self._channel = grpc.secure_channel(self.target, credentials, options=options)
         self._stub = splitinfer_pb2_grpc.SplitInferenceStub(self._channel)
         self._closed = False
+        self.streaming = streaming
+        # one stream per server address: round_robin places each new call on the next server
+        self._streams: list[InferStreamCall | None] = [None] * len(self.targets)
+        self._next_stream = 0
+        self._stream_lock = threading.Lock()
 
     def infer(self, request: pb.InferRequest) -> pb.InferResponse:
         """One call with a deadline of ``timeout_s``; raises the matching SplitInferError on failure."""
         if self._closed:
             raise ServerUnavailable(f"transport to {self.target} is closed")
+        if self.streaming and request.request_id:
+            try:
+                return self._infer_streamed(request)
+            except _UseUnary:
+                pass
         try:
             return self._stub.Infer(request, timeout=self.timeout_s, wait_for_ready=self.wait_for_ready,
                                     metadata=self._metadata)
@@ -130,9 +154,35 @@ class GrpcTransport:
             logger.debug("Infer %s to %s failed: %s", request.request_id, self.target, error)
             raise error from exc
 
+    def _infer_streamed(self, request: pb.InferRequest) -> pb.InferResponse:
+        """``request`` over the shared InferStream call; _UseUnary when it has to go unary instead."""
+        with self._stream_lock:
+            slot = self._next_stream
+            self._next_stream = (slot + 1) % len(self._streams)
+            stream = self._streams[slot]
+            if stream is None or not stream.alive:
+                stream = self._streams[slot] = InferStreamCall(self._stub, self._metadata, self.wait_for_ready)
+        try:
+            return stream.infer(request, self.timeout_s)
+        except DuplicateRequestId:
+            raise _UseUnary from None
+        except SplitInferError as exc:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                logger.info("%s has no InferStream: unary Infer calls from now on", self.target)
+                self.streaming = False
+                raise _UseUnary from None
+            if exc.code == grpc.StatusCode.UNAVAILABLE and not stream.alive:
+                raise _UseUnary from None  # the stream broke: this request goes unary (with its retry policy)
+            raise
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            with self._stream_lock:
+                streams, self._streams = self._streams, [None] * len(self._streams)
+            for stream in streams:
+                if stream is not None:
+                    stream.close()
             self._channel.close()
 
     def __enter__(self) -> "GrpcTransport":

@@ -25,6 +25,7 @@ __all__ = [
     "status_details",
     "bounded",
     "from_rpc_error",
+    "from_status",
 ]
 
 # Longest status details (and logged reason) the server sends: echoed client input (a model name,
@@ -119,6 +120,16 @@ def from_rpc_error(err: grpc.RpcError) -> SplitInferError:
     """The exception a client raises for a failed call (UNKNOWN and others map to ServerInternalError)."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
+    return from_status(code, details)
+
+
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def from_status(code: "grpc.StatusCode | int | None", details: str) -> SplitInferError:
+    """The exception for a status given as a code (or its number, as InferStream's ErrorStatus sends it)."""
+    if isinstance(code, int):
+        code = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
     cls = _BY_CODE.get(code, ServerInternalError)
     exc = cls(f"{getattr(code, 'name', code)}: {details}")
     exc.code = code if code is not None else cls.code

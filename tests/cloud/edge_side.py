@@ -23,7 +23,7 @@ def device_session(manifest: Manifest) -> DeviceSession:
 
 def sparse_images(manifest: Manifest, count: int, seed: int = 0) -> np.ndarray:
     """uint8 (count, H, W): a few bright strokes on black, like cluttered digits."""
-    h, w = manifest.preprocessing["height"], manifest.preprocessing["width"]
+    h, w = manifest.preprocessing.height, manifest.preprocessing.width
     rng = np.random.default_rng(seed)
     out = np.zeros((count, h, w), dtype=np.uint8)
     for img in out:
