@@ -1,7 +1,8 @@
-"""Load on the real server over loopback: dynamic batching on vs off, pruned vs all tokens, pad vs bucket.
+"""Load on the real server over loopback: batching on vs off, InferStream vs unary calls, Ray Serve vs
+splitinfer-serve, pruned vs all tokens, pad vs bucket, against the compute-only limit of server.onnx.
 
-    python benchmarks/server_load.py                      # 1, 8, 64 clients; about 2-3 minutes
-    python benchmarks/server_load.py --clients 1,64 --rounds 2 --window-s 2
+    python benchmarks/server_load.py                      # 1, 8, 64 clients; about 6 minutes
+    python benchmarks/server_load.py --clients 1,64 --rounds 2 --window-s 2 --skip-ray
 
 What it does: runs the device half on cluttered-MNIST test canvases and keeps the packets the edge
 sends when it offloads (pruned tokens, the manifest's codec), and the same inputs with all tokens;
@@ -10,8 +11,18 @@ starts ``splitinfer-serve`` processes on 127.0.0.1 that differ only in the setti
 own connection, sending the next request when the last is answered, with a deadline) drive one
 server at a time. Each round cuts its window into short slices that alternate between the two
 settings (ABAB, then BABA next round), so bursts of load from elsewhere on the machine hit both
-sides alike; the table shows medians over rounds and the median of the per-round ratios. Clients run in worker processes with grpc.aio and send
-pre-serialized requests, so the load generator costs little of the CPU the server needs.
+sides alike; the table shows medians over rounds and the median of the per-round ratios. Clients
+run in worker processes with grpc.aio and send pre-serialized requests, so the load generator
+costs little of the CPU the server needs. Streaming clients keep one InferStream each, open across
+windows, in the same closed loop (write a request, read its answer). Ray Serve runs as
+``splitinfer-serve --engine ray`` (one replica), compared with the unary splitinfer-serve last.
+
+The compute-only limit is server.onnx alone in ONNX Runtime on the same packets (decoded and padded
+up front), batch ``--max-batch-size``, ``--threads`` intra-op threads, in this process; it is sampled
+between comparisons while the servers idle, and the median is reported (``compute_limit_rps``), so
+it saw the same machine as the servers. ``modes`` in the JSON gives, per server mode and client
+count, ``rps``, ``p50_ms``, ``p99_ms``, the share of the limit and the server's CPU per request
+(from /proc; a figure less sensitive to other load on the machine than requests/s).
 
 The batch-size histogram comes from the server's own Prometheus endpoint (scraped before and after
 each window). Results go to ``benchmarks/results/server_load.json`` (``--out``). Only 127.0.0.1 is
@@ -39,6 +50,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 METHOD = "/splitinfer.v1.SplitInference/Infer"
+STREAM_METHOD = "/splitinfer.v1.SplitInference/InferStream"
+STREAM_SUFFIX = "_stream"  # a request kind whose bytes are StreamRequests, sent over InferStream
 LISTENING = re.compile(r"listening on (\S+)")
 METRICS = re.compile(r"metrics on (\S+)")
 
@@ -47,7 +60,6 @@ METRICS = re.compile(r"metrics on (\S+)")
 
 def build_requests(model_dir: Path, n: int) -> tuple[list[bytes], list[bytes], dict]:
     """Serialized InferRequests for ``n`` test canvases: (pruned as the edge sends them, all tokens, stats)."""
-    from splitinfer.edge.preprocess import preprocess
     from splitinfer.edge.runner import EdgeRunner
     from splitinfer.edge.session import DeviceSession
     from splitinfer.export.data import make_split
@@ -60,12 +72,13 @@ def build_requests(model_dir: Path, n: int) -> tuple[list[bytes], list[bytes], d
     images, _labels = make_split("test", n=n)
     pruned, full, pruned_tokens = [], [], []
     for i, image in enumerate(images):
-        _exit, tokens, importance = session.run(preprocess(image, runner.spec))  # (1, N, d), (1, P)
+        _exit, tokens, importance = session.run(runner.front_end(image))  # (1, N, d), (1, P)
         request = runner.build_request(tokens[0], importance[0], request_id=f"load-{i}")
         pruned.append(request.SerializeToString())
         pruned_tokens.append(request.packet.num_tokens)
         everything = pb.InferRequest(model=manifest.name, manifest_sha256=manifest.sha256, request_id=f"load-{i}",
-                                     packet=encode_tokens(tokens[0], np.arange(tokens.shape[1]), runner.codec))
+                                     packet=encode_tokens(tokens[0], np.arange(tokens.shape[1]), runner.codec,
+                                                          zstd_dictionary=runner.zstd_dictionary))
         full.append(everything.SerializeToString())
     stats = {
         "n_packets": n,
@@ -88,17 +101,18 @@ class _Clients:
 
     def __init__(self, requests_by_kind: dict[str, list[bytes]]) -> None:
         self.requests_by_kind = requests_by_kind
-        self.calls: dict[tuple[str, int], object] = {}
+        self.channels: dict[tuple[str, int], object] = {}
+        self.streams: dict[tuple[str, int], object] = {}  # InferStream calls, kept open across windows
 
-    async def call_for(self, target: str, index: int):
+    async def channel_for(self, target: str, index: int):
         import grpc
 
         key = (target, index)
-        if key not in self.calls:
+        if key not in self.channels:
             channel = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
             await channel.channel_ready()
-            self.calls[key] = channel.unary_unary(METHOD)  # bytes in, bytes out: pre-serialized requests
-        return self.calls[key]
+            self.channels[key] = channel
+        return self.channels[key]
 
     async def drive(self, target: str, clients: int, offset: int, kind: str, window_s: float, warmup_s: float,
                     timeout_s: float) -> dict:
@@ -106,7 +120,11 @@ class _Clients:
         import grpc
 
         requests = self.requests_by_kind[kind]
-        calls = [await self.call_for(target, offset + i) for i in range(clients)]
+        channels = [await self.channel_for(target, offset + i) for i in range(clients)]
+        if kind.endswith(STREAM_SUFFIX):
+            keys = [(target, offset + i) for i in range(clients)]
+            return await self._drive_streams(keys, channels, requests, offset, window_s, warmup_s, timeout_s)
+        calls = [channel.unary_unary(METHOD) for channel in channels]  # bytes in, bytes out: pre-serialized
         latencies: list[float] = []
         codes: dict[str, int] = {}
         start = time.perf_counter()
@@ -132,6 +150,64 @@ class _Clients:
 
         await asyncio.gather(*(client(i) for i in range(clients)))
         return {"latencies": latencies, "codes": codes}
+
+    async def _drive_streams(self, keys, channels, requests: list[bytes], offset: int, window_s: float,
+                             warmup_s: float, timeout_s: float) -> dict:
+        """One InferStream per client, closed loop: write a request, read its answer, write the next.
+
+        A client's stream stays open across windows, as a device's would. The deadline of each
+        request travels in it (StreamRequest.timeout_ms); a stream whose answer is later than that
+        is counted DEADLINE_EXCEEDED and closed.
+        """
+        latencies: list[float] = []
+        codes: dict[str, int] = {}
+        start = time.perf_counter()
+        measure_from, stop_at = start + warmup_s, start + warmup_s + window_s
+
+        async def client(index: int) -> None:
+            key = keys[index]
+            if key not in self.streams:
+                self.streams[key] = channels[index].stream_stream(STREAM_METHOD)()
+            call = self.streams[key]
+            k = (offset + index) * 7919 + int(start * 1000)
+            while True:
+                now = time.perf_counter()
+                if now >= stop_at:
+                    return
+                try:
+                    await call.write(requests[k % len(requests)])
+                    answer = await asyncio.wait_for(call.read(), timeout_s)
+                    code = _stream_answer_code(answer)
+                except (asyncio.TimeoutError, Exception) as exc:  # a late answer or a broken stream: reopen
+                    code = "DEADLINE_EXCEEDED" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+                    call.cancel()
+                    call = self.streams[key] = channels[index].stream_stream(STREAM_METHOD)()
+                k += 1
+                done = time.perf_counter()
+                if now >= measure_from and done <= stop_at:
+                    latencies.append(done - now)
+                    codes[code] = codes.get(code, 0) + 1
+
+        await asyncio.gather(*(client(i) for i in range(len(channels))))
+        return {"latencies": latencies, "codes": codes}
+
+
+def _stream_answer_code(answer: bytes) -> str:
+    """"OK" for a StreamResponse holding a response, else the name of its error code.
+
+    Reads only the oneof's tag (field 1 request_id comes first, its length in one byte for short
+    ids); an error answer is parsed whole.
+    """
+    if answer[:1] == b"\x0a" and answer[1] < 0x80 and answer[2 + answer[1]:3 + answer[1]] == b"\x12":
+        return "OK"
+    import grpc
+
+    from splitinfer.protos import splitinfer_pb2 as pb
+
+    parsed = pb.StreamResponse.FromString(answer)
+    if parsed.HasField("response"):
+        return "OK"
+    return next((c.name for c in grpc.StatusCode if c.value[0] == parsed.error.code), str(parsed.error.code))
 
 
 def _worker(conn, requests_by_kind: dict[str, list[bytes]]) -> None:
@@ -192,18 +268,75 @@ def _stats(latencies_ms: np.ndarray, codes: dict[str, int], seconds: float) -> d
             "codes": codes}
 
 
+def as_stream_requests(requests: list[bytes], timeout_ms: int) -> list[bytes]:
+    """Serialized InferRequests -> serialized StreamRequests carrying them, each with ``timeout_ms``."""
+    from splitinfer.protos import splitinfer_pb2 as pb
+
+    return [pb.StreamRequest(request=pb.InferRequest.FromString(r), timeout_ms=timeout_ms).SerializeToString()
+            for r in requests]
+
+
+# --- the compute-only limit ---------------------------------------------------------------------------
+
+class ComputeLimit:
+    """Requests/s of server.onnx alone on the same packets, ``batch`` at a time, ``threads`` intra-op threads.
+
+    The packets are decoded and padded once, up front; the timed loop is ONNX Runtime's ``run`` on
+    the server's session options, nothing else (``decode_and_run`` adds the decoding, padding and
+    softmax a batcher worker does, for reference). ``sample`` measures for ``seconds``; the run calls
+    it between comparisons (servers idle), so the limit sees the same machine as the servers did,
+    and reports the median of the samples.
+    """
+
+    def __init__(self, model_dir: Path, requests: list[bytes], threads: int, batch: int) -> None:
+        from splitinfer.cloud import load_model
+        from splitinfer.cloud.batcher import pad_tokens
+        from splitinfer.cloud.engine import RuntimeConfig
+        from splitinfer.protos import decode_tokens
+        from splitinfer.protos import splitinfer_pb2 as pb
+
+        self.model = load_model(model_dir, RuntimeConfig(intra_op_threads=threads))
+        packets = [pb.InferRequest.FromString(r).packet for r in requests]
+        rows = [decode_tokens(p, self.model.packet_limits)[0] for p in packets]  # (K_i, d) float32
+        self.batches = [pad_tokens(rows[i:i + batch]) for i in range(0, len(rows) - batch + 1, batch)]
+        self.packet_batches = [packets[i:i + batch] for i in range(0, len(packets) - batch + 1, batch)]
+        self.batch, self.threads = batch, threads
+        self.samples: list[float] = []
+        self.decode_samples: list[float] = []
+
+    def _rate(self, step, seconds: float) -> float:
+        for k in range(5):  # warm-up
+            step(k)
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            step(done)
+            done += 1
+        return done * self.batch / (time.perf_counter() - started)
+
+    def sample(self, seconds: float) -> None:
+        from splitinfer.cloud.batcher import decode_and_run
+
+        self.samples.append(self._rate(lambda k: self.model.run(*self.batches[k % len(self.batches)]), seconds))
+        self.decode_samples.append(self._rate(
+            lambda k: decode_and_run(self.model, self.packet_batches[k % len(self.packet_batches)]), seconds / 2))
+
+    def report(self) -> dict:
+        return {"compute_limit_rps": _median(self.samples), "decode_and_run_rps": _median(self.decode_samples),
+                "compute_limit_samples": self.samples, "batch": self.batch, "threads": self.threads}
+
+
 # --- servers ----------------------------------------------------------------------------------------
 
 class ServerProcess:
-    """``splitinfer-serve`` on 127.0.0.1 port 0 with a metrics endpoint."""
+    """``splitinfer-serve`` on 127.0.0.1 port 0, with a metrics endpoint unless ``metrics`` is False."""
 
-    def __init__(self, model_dir: Path, *extra: str) -> None:
+    def __init__(self, model_dir: Path, *extra: str, metrics: bool = True) -> None:
         cmd = [sys.executable, "-m", "splitinfer.cloud.cli", "--model", str(model_dir), "--host", HOST,
-               "--port", "0", "--metrics-port", "0", "--log-level", "WARNING", *extra]
+               "--port", "0", "--log-level", "WARNING", *(("--metrics-port", "0") if metrics else ()), *extra]
         self.args = list(extra)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         self.metrics_url = None
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
@@ -216,8 +349,23 @@ class ServerProcess:
         self.proc.kill()
         raise RuntimeError(f"splitinfer-serve {' '.join(extra)} did not start")
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the server process has used (user + system, from /proc; NaN where there is none).
+
+        Ray Serve's work happens in other processes (its proxy and replicas): NaN there.
+        """
+        if "--engine" in self.args:
+            return float("nan")
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def batch_histogram(self) -> dict[str, float]:
-        """Cumulative ``splitinfer_batch_size`` bucket counts {le: count} from /metrics."""
+        """Cumulative ``splitinfer_batch_size`` bucket counts {le: count} from /metrics ({} without one)."""
+        if self.metrics_url is None:
+            return {}
         text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()
         out = {}
         for line in text.splitlines():
@@ -229,7 +377,7 @@ class ServerProcess:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=60)  # Ray Serve takes a few seconds to shut its processes down
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -269,16 +417,22 @@ def compare(gen: LoadGenerator, servers: dict[str, ServerProcess], kinds: dict[s
         before = {name: servers[name].batch_histogram() for name in names}
         latencies: dict[str, list[np.ndarray]] = {name: [] for name in names}
         codes: dict[str, dict[str, int]] = {name: {} for name in names}
+        cpu: dict[str, float] = {name: 0.0 for name in names}
         for k in range(args.slices):
             for name in (names if (r + k) % 2 == 0 else names[::-1]):
+                cpu_before = servers[name].cpu_seconds()
                 lat, got = gen.run(servers[name].target, clients, kinds[name], slice_s, args.warmup_s,
                                    args.timeout_ms / 1e3)
+                # the server's CPU over warm-up + window, scaled to the measured window
+                cpu[name] += (servers[name].cpu_seconds() - cpu_before) * slice_s / (slice_s + args.warmup_s)
                 latencies[name].append(lat)
                 for code, count in got.items():
                     codes[name][code] = codes[name].get(code, 0) + count
         for name in names:
             result = _stats(np.concatenate(latencies[name]), codes[name], args.window_s)
             result["batch_sizes"] = _histogram_delta(before[name], servers[name].batch_histogram())
+            ok = codes[name].get("OK", 0)
+            result["server_cpu_us_per_request"] = 1e6 * cpu[name] / ok if ok and cpu[name] > 0 else float("nan")
             per_round[name].append(result)
     summary = {}
     for name in names:
@@ -295,6 +449,7 @@ def compare(gen: LoadGenerator, servers: dict[str, ServerProcess], kinds: dict[s
             "p50_ms": _median([x["p50_ms"] for x in runs]),
             "p95_ms": _median([x["p95_ms"] for x in runs]),
             "p99_ms": _median([x["p99_ms"] for x in runs]),
+            "server_cpu_us_per_request": _median([x["server_cpu_us_per_request"] for x in runs]),
             "codes": total_codes, "batch_sizes": batches, "rounds": runs,
         }
     a, b = names
@@ -324,7 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="client worker processes")
     parser.add_argument("--n-packets", type=int, default=400, help="test canvases turned into requests")
     parser.add_argument("--skip-padding", action="store_true", help="skip the pad-vs-bucket comparison")
-    parser.add_argument("--max-total-s", type=float, default=300.0, help="stop starting new windows after this")
+    parser.add_argument("--skip-ray", action="store_true", help="skip Ray Serve (needs splitinfer[ray])")
+    parser.add_argument("--limit-s", type=float, default=1.0,
+                        help="seconds of each compute-only sample (taken between comparisons)")
+    parser.add_argument("--max-total-s", type=float, default=900.0, help="stop starting new windows after this")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "server_load.json")
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
@@ -338,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     snapshot = Path(tempfile.mkdtemp(prefix="server_load_"))  # the folder cannot change under a running server
     model_dir = Path(shutil.copytree(args.model_dir, snapshot / "model"))
     pruned, full, packet_stats = build_requests(model_dir, args.n_packets)
+    streamed = as_stream_requests(pruned, round(args.timeout_ms))
+    limit = ComputeLimit(model_dir, pruned, args.threads, args.max_batch_size)
+    limit.sample(args.limit_s)
     common = ("--threads", str(args.threads), "--max-queue", "4096")
     servers = {
         "batching_on": ServerProcess(model_dir, "--max-batch-size", str(args.max_batch_size), *common),
@@ -346,17 +507,24 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_padding:
         servers["bucket"] = ServerProcess(model_dir, "--max-batch-size", str(args.max_batch_size),
                                           "--padding", "bucket", *common)
-    gen = LoadGenerator({"pruned": pruned, "all_tokens": full}, args.processes)
+    gen = LoadGenerator({"pruned": pruned, "all_tokens": full, "pruned" + STREAM_SUFFIX: streamed}, args.processes)
     report: dict = {"packets": packet_stats, "settings": vars(args) | {"model_dir": str(args.model_dir),
                                                                         "out": str(args.out)},
-                    "cpu_count": os.cpu_count(), "batching": {}, "tokens": None, "padding": None}
+                    "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "batching": {}, "streaming": {}, "ray": {},
+                    "tokens": None, "padding": None}
+    on = servers["batching_on"]
+    ray_server = None
     try:
         for clients in levels:
             report["batching"][str(clients)] = compare(
                 gen, {k: servers[k] for k in ("batching_on", "batching_off")},
                 {"batching_on": "pruned", "batching_off": "pruned"}, clients, args.rounds, args, deadline)
+            limit.sample(args.limit_s)
+            report["streaming"][str(clients)] = compare(
+                gen, {"stream": on, "unary": on}, {"stream": "pruned" + STREAM_SUFFIX, "unary": "pruned"},
+                clients, args.rounds, args, deadline)
+            limit.sample(args.limit_s)
         top = max(levels)
-        on = servers["batching_on"]
         report["tokens"] = compare(gen, {"pruned": on, "all_tokens": on}, {"pruned": "pruned", "all_tokens": "all_tokens"},
                                    top, args.rounds, args, deadline)
         report["tokens"]["clients"] = top
@@ -364,17 +532,46 @@ def main(argv: list[str] | None = None) -> int:
             report["padding"] = compare(gen, {"pad": on, "bucket": servers["bucket"]},
                                         {"pad": "pruned", "bucket": "pruned"}, top, args.rounds, args, deadline)
             report["padding"]["clients"] = top
+        if not args.skip_ray:  # last: Ray's own processes keep a little CPU busy while they run
+            ray_server = ServerProcess(model_dir, "--engine", "ray", "--max-batch-size", str(args.max_batch_size),
+                                       "--threads", str(args.threads), metrics=False)
+            for clients in levels:
+                report["ray"][str(clients)] = compare(gen, {"ray_serve": ray_server, "unary": on},
+                                                      {"ray_serve": "pruned", "unary": "pruned"}, clients,
+                                                      args.rounds, args, deadline)
     finally:
         gen.close()
-        for server in servers.values():
+        for server in [*servers.values(), *([ray_server] if ray_server else [])]:
             server.stop()
         shutil.rmtree(snapshot, ignore_errors=True)
+    report.update(limit.report())
+    report["load_average_at_end"] = os.getloadavg()  # other work on the machine during the run
+    report["modes"] = _modes(report)
     report["total_s"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print_tables(report)
     print(f"\nwrote {args.out}")
     return 0
+
+
+def _modes(report: dict) -> dict:
+    """{mode: {clients: {rps, p50_ms, p99_ms}}}: each server mode at each client count, and its share of
+    the compute-only limit. batching_off comes from its comparison with batching on, unary_batching and
+    stream from theirs (side by side), Ray Serve from its own side-by-side comparison with unary."""
+    sources = {"batching_off": ("batching", "batching_off"), "unary_batching": ("streaming", "unary"),
+               "stream": ("streaming", "stream"), "ray_serve": ("ray", "ray_serve")}
+    modes: dict = {}
+    for mode, (section, name) in sources.items():
+        for clients, s in (report.get(section) or {}).items():
+            if name not in s:
+                continue
+            x = s[name]
+            modes.setdefault(mode, {})[clients] = {
+                "rps": x["requests_per_s"], "p50_ms": x["p50_ms"], "p99_ms": x["p99_ms"],
+                "server_cpu_us_per_request": x["server_cpu_us_per_request"],
+                "of_compute_limit": x["requests_per_s"] / report["compute_limit_rps"]}
+    return modes
 
 
 def print_tables(report: dict) -> None:
@@ -393,6 +590,22 @@ def print_tables(report: dict) -> None:
               f"{ratio['p99_ms']:9.2f} | {batches}")
     errors = {f"{c}/{side}": s[side]["codes"] for c, s in report["batching"].items() for side in ("batching_on", "batching_off")}
     print("codes: " + "; ".join(f"{k} {v}" for k, v in errors.items()))
+    print(f"\ncompute-only limit of server.onnx: {report['compute_limit_rps']:.0f} req/s (batch {report['batch']}, "
+          f"{report['threads']} thread(s), the same packets; with decode+pad+softmax {report['decode_and_run_rps']:.0f})")
+    print(f"{'mode':>15} | " + " | ".join(f"{c:>6} clients: req/s   p50   p99  x limit" for c in report["batching"]))
+    for mode, by_clients in report["modes"].items():
+        cells = []
+        for clients in report["batching"]:
+            x = by_clients.get(clients)
+            cells.append(f"{x['rps']:20.0f} {x['p50_ms']:5.1f} {x['p99_ms']:5.1f} {x['of_compute_limit']:7.2f}"
+                         if x else f"{'-':>20} {'':5} {'':5} {'':7}")
+        print(f"{mode:>15} | " + " | ".join(cells))
+    for section, (a, b) in (("streaming", ("stream", "unary")), ("ray", ("ray_serve", "unary"))):
+        for clients, s in (report.get(section) or {}).items():
+            r = s["ratio"]
+            print(f"  {section} {clients:>3} clients: {a}/{b} req/s {r['requests_per_s']:.2f}, p50 {r['p50_ms']:.2f}, "
+                  f"p99 {r['p99_ms']:.2f}; server CPU per request {s[a]['server_cpu_us_per_request']:.0f} vs "
+                  f"{s[b]['server_cpu_us_per_request']:.0f} us; codes {a} {s[a]['codes']} {b} {s[b]['codes']}")
     for section, (a, b) in (("tokens", ("pruned", "all_tokens")), ("padding", ("pad", "bucket"))):
         s = report.get(section)
         if not s:

@@ -31,7 +31,7 @@ import numpy as np
 from splitinfer.protos import DeadlineExceeded, Overloaded, ServerInternalError, SplitInferError, decode_tokens
 from splitinfer.protos import splitinfer_pb2 as pb
 
-from .registry import LoadedModel
+from .engine import ServerHalf
 from .service import probabilities_from_logits
 
 __all__ = ["PADDING_MODES", "BatchConfig", "pad_tokens", "length_buckets", "run_batch", "decode_and_run",
@@ -89,7 +89,7 @@ def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     return [groups[key] for key in sorted(groups)]
 
 
-def run_batch(model: LoadedModel, rows: Sequence[np.ndarray], padding: str = "pad") -> tuple[np.ndarray, float]:
+def run_batch(model: ServerHalf, rows: Sequence[np.ndarray], padding: str = "pad") -> tuple[np.ndarray, float]:
     """Run the server half on B ragged token sets (K_i, d) -> (probabilities float32 (B, C), compute ms).
 
     A row whose logits are not finite comes back as NaN (see ``probabilities_from_logits``).
@@ -107,7 +107,7 @@ def run_batch(model: LoadedModel, rows: Sequence[np.ndarray], padding: str = "pa
     return probabilities, (time.perf_counter() - start) * 1e3
 
 
-def decode_and_run(model: LoadedModel, packets: Sequence[pb.TokenPacket],
+def decode_and_run(model: ServerHalf, packets: Sequence[pb.TokenPacket],
                    padding: str = "pad") -> tuple[list[np.ndarray | SplitInferError], float, float]:
     """Decode B token packets and run the valid ones as one batch (on a worker thread, off the event loop).
 
@@ -143,7 +143,7 @@ class _Pending:
         self.enqueued_at = now
 
 
-BatchObserver = Callable[[LoadedModel, int, float], None]  # (model, batch size, compute seconds)
+BatchObserver = Callable[[ServerHalf, int, float], None]  # (model, batch size, compute seconds)
 
 
 class ModelBatcher:
@@ -155,7 +155,7 @@ class ModelBatcher:
     and waits for the workers. ``on_batch(model, size, compute_s)`` is called after each batch.
     """
 
-    def __init__(self, model: LoadedModel, config: BatchConfig, executor: Executor,
+    def __init__(self, model: ServerHalf, config: BatchConfig, executor: Executor,
                  on_batch: BatchObserver | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
         self.model = model
         self.config = config

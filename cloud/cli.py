@@ -3,8 +3,8 @@
 Once the server accepts calls it prints one line per served export, a metrics line when
 ``--metrics-port`` is given, and then exactly one line ``splitinfer-serve: listening on HOST:PORT``
 to stdout (flushed), which scripts parse to learn the port when ``--port 0`` is given. SIGHUP
-reloads the models (and the token file) without dropping in-flight calls. A bad model folder or
-setting exits 2 with a message on stderr; an address that cannot be bound exits 1.
+reloads the models (and the token file) without dropping in-flight calls. A bad model folder,
+setting or TLS file exits 2 with a message on stderr; an address that cannot be bound exits 1.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .batcher import PADDING_MODES, BatchConfig
 from .logs import LOG_FORMATS, configure_logging
 from .registry import RuntimeConfig
 from .repository import ModelSource
-from .security import TlsConfig
+from .security import TlsConfig, TlsFileError, read_tokens
 from .server import AsyncSplitInferServer, ServerConfig, serve
 
 __all__ = ["PROG", "TOKEN_ENV", "build_parser", "main"]
@@ -27,6 +27,7 @@ __all__ = ["PROG", "TOKEN_ENV", "build_parser", "main"]
 PROG = "splitinfer-serve"
 TOKEN_ENV = "SPLITINFER_AUTH_TOKEN"
 EXIT_OK, EXIT_CANNOT_LISTEN, EXIT_BAD_INPUT = 0, 1, 2
+ENGINES = ("grpc", "ray")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                                             "re-scanned on SIGHUP; repeatable")
     models.add_argument("--threads", type=int, default=1,
                         help="ONNX Runtime intra-op threads per model, 0 = ORT default (default: %(default)s)")
+    models.add_argument("--engine", choices=ENGINES, default="grpc",
+                        help="grpc: this process's grpc.aio server; ray: a Ray Serve application behind Ray's "
+                             "gRPC proxy (pip install 'splitinfer[ray]'; no TLS there) (default: %(default)s)")
+    models.add_argument("--max-replicas", type=int, default=None,
+                        help="--engine ray: autoscale between --instances and this many replicas")
+    models.add_argument("--provider", default="cpu", metavar="cpu|cuda|tensorrt|NAME",
+                        help="ONNX Runtime execution provider of the server halves; the server refuses to start "
+                             "when ONNX Runtime does not have it or falls back from it (default: %(default)s)")
     listen = parser.add_argument_group("listening")
     listen.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     listen.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (default: %(default)s)")
@@ -46,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="limit on received and sent messages, in bytes (default: %(default)s)")
     listen.add_argument("--grace-s", type=float, default=5.0,
                         help="seconds in-flight calls may finish after SIGTERM/SIGINT (default: %(default)s)")
+    listen.add_argument("--health-port", type=int, default=None,
+                        help="also serve the gRPC health service alone, in plaintext, on this port (for "
+                             "Kubernetes gRPC probes, which cannot speak TLS); 0 picks a free one")
     listen.add_argument("--no-reflection", action="store_true", help="do not offer gRPC server reflection")
     batching = parser.add_argument_group("batching and limits")
     batching.add_argument("--max-batch-size", type=int, default=16,
@@ -87,6 +99,8 @@ def _config(args: argparse.Namespace) -> tuple[ServerConfig, ModelSource]:
     """ValueError on a bad combination or value."""
     if not args.models and not args.repositories:
         raise ValueError("give at least one --model DIR or --model-repository DIR")
+    if args.max_replicas is not None:
+        raise ValueError("--max-replicas is for --engine ray; the grpc engine scales with --instances and --workers")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -101,9 +115,12 @@ def _config(args: argparse.Namespace) -> tuple[ServerConfig, ModelSource]:
         max_tokens_per_request=args.max_tokens_per_request, tls=tls,
         auth_tokens=(env_token,) if env_token else (), auth_token_file=args.auth_token_file,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port, reflection=not args.no_reflection,
+        health_port=args.health_port,
     )
     config.tokens()  # a missing or empty token file is a usage error now, not at the first call
-    source = ModelSource(args.models, args.repositories, RuntimeConfig(intra_op_threads=args.threads))
+    runtime = RuntimeConfig(intra_op_threads=args.threads, provider=args.provider)
+    runtime.ort_provider  # an unknown provider name is a usage error before any model loads
+    source = ModelSource(args.models, args.repositories, runtime)
     return config, source
 
 
@@ -114,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
         return int(exc.code or 0)
     configure_logging(args.log_level, args.log_format)
+    if args.engine == "ray":
+        return _main_ray(args)
     try:
         config, source = _config(args)
         registry = source.load()
@@ -132,6 +151,39 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         serve(registry, config, on_listening=announce, source=source)
+    except TlsFileError as exc:  # a TLS file changed after it was checked
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_LISTEN
+    return EXIT_OK
+
+
+def _main_ray(args: argparse.Namespace) -> int:
+    """``--engine ray``: the same options, served by a Ray Serve application (see cloud/ray_serve.py)."""
+    try:
+        from . import ray_serve
+    except ImportError as exc:
+        print(f"{PROG}: error: --engine ray needs Ray Serve: pip install 'splitinfer[ray]' ({exc})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if not args.models and not args.repositories:
+            raise ValueError("give at least one --model DIR or --model-repository DIR")
+        env_token = os.environ.get(TOKEN_ENV, "").strip()
+        tokens = ((env_token,) if env_token else ()) + (read_tokens(args.auth_token_file) if args.auth_token_file else ())
+        config = ray_serve.config_from_args(args, tokens)
+        config.source().load()  # a bad model folder or provider is a usage error here, before Ray starts
+    except (ManifestError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    def announce(port: int) -> None:
+        print(f"{PROG}: Ray Serve application {ray_serve.APP_NAME!r}, gRPC proxy on all interfaces", flush=True)
+        print(f"{PROG}: listening on {args.host}:{port}", flush=True)
+
+    try:
+        ray_serve.serve_forever(config, args.port, on_listening=announce)
     except OSError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN

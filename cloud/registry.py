@@ -8,61 +8,32 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from splitinfer.protos import (
     Manifest,
-    ManifestError,
     ManifestMismatch,
     ModelNotFound,
     PacketLimits,
     load_manifest,
 )
 
-from splitinfer.protos import graphs
+from .engine import OrtEngine, RuntimeConfig
 
 __all__ = ["RuntimeConfig", "LoadedModel", "load_model", "ModelRegistry"]
 
 logger = logging.getLogger(__name__)
 
-_TOKENS_INPUT, _MASK_INPUT = graphs.server_inputs()
-_OUTPUT_FOR_TASK = {task: graphs.server_output(task) for task in ("classification", "embedding")}
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """How each server-half session runs. ``intra_op_threads`` 0 lets ONNX Runtime choose."""
-
-    intra_op_threads: int = 1
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int):
-            raise ValueError(f"intra_op_threads must be an int, got {self.intra_op_threads!r}")
-        if self.intra_op_threads < 0:
-            raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
-        if not self.providers:
-            raise ValueError("providers must name at least one execution provider")
-
-    def session_options(self) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3  # errors only
-        return options
-
-
 @dataclass(frozen=True)
 class LoadedModel:
-    """A served model: its manifest, the server-half session and the packet limits it accepts."""
+    """A served model (a :class:`~.engine.ServerHalf`): its manifest, the engine running its server
+    half and the packet limits it accepts."""
 
     manifest: Manifest
-    session: ort.InferenceSession = field(repr=False)
+    engine: OrtEngine = field(repr=False)
     packet_limits: PacketLimits
     task: str = "classification"  # or "embedding": the answer is the output vector, not a softmax
     output_size: int = 0  # K classes, or D embedding values (0: the manifest's class count)
@@ -85,33 +56,9 @@ class LoadedModel:
         return self.output_size or self.num_classes
 
     def run(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Run the server half.
-
-        tokens: float32 (B, T, d), CLS at index 0 of each row. mask: bool (B, T), True = real token.
-        Returns logits float32 (B, K), or the embedding (B, D) for an embedding model. Thread-safe:
-        ONNX Runtime sessions allow concurrent ``run``.
-        """
-        (out,) = self.session.run([_OUTPUT_FOR_TASK[self.task]], {_TOKENS_INPUT: tokens, _MASK_INPUT: mask})
-        return out
-
-
-def _check_signature(session: ort.InferenceSession, manifest: Manifest, task: str) -> None:
-    """Raise ManifestError when server.onnx does not take (tokens, mask) and give the task's output
-    (logits of the manifest's class count, or an embedding)."""
-    inputs = {i.name: i for i in session.get_inputs()}
-    outputs = {o.name: o for o in session.get_outputs()}
-    where = manifest.server_path
-    output = _OUTPUT_FOR_TASK[task]
-    if set(inputs) != {_TOKENS_INPUT, _MASK_INPUT}:
-        raise ManifestError(f"{where}: inputs must be {_TOKENS_INPUT!r} and {_MASK_INPUT!r}, got {sorted(inputs)}")
-    if output not in outputs:
-        raise ManifestError(f"{where}: no {output!r} output for a {task} model (outputs: {sorted(outputs)})")
-    dim = inputs[_TOKENS_INPUT].shape[-1]
-    if isinstance(dim, int) and dim != manifest.dim:
-        raise ManifestError(f"{where}: tokens have dim {dim}, the manifest says {manifest.dim}")
-    classes = outputs[output].shape[-1]
-    if task == "classification" and isinstance(classes, int) and classes != len(manifest.classes):
-        raise ManifestError(f"{where}: logits have {classes} classes, the manifest lists {len(manifest.classes)}")
+        """tokens float32 (B, T, d), CLS at index 0 of each row; mask bool (B, T), True = real token ->
+        logits float32 (B, K), or the embedding (B, D) for an embedding model. Thread-safe."""
+        return self.engine.run(tokens, mask)
 
 
 def load_model(folder: str | Path, config: RuntimeConfig = RuntimeConfig()) -> LoadedModel:
@@ -120,33 +67,10 @@ def load_model(folder: str | Path, config: RuntimeConfig = RuntimeConfig()) -> L
     Raises ManifestError when the folder, its manifest or its server half is unusable.
     """
     manifest = load_manifest(Path(folder), verify_files=True, need=("server",))
-    try:
-        session = ort.InferenceSession(
-            str(manifest.server_path), sess_options=config.session_options(), providers=list(config.providers)
-        )
-    except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
-        raise ManifestError(f"{manifest.server_path}: ONNX Runtime cannot load it: {exc}") from exc
     task = manifest.task
-    _check_signature(session, manifest, task)
-    model = LoadedModel(
-        manifest=manifest,
-        session=session,
-        packet_limits=PacketLimits.for_manifest(manifest),
-        task=task,
-    )
-    # A CLS-only warm-up: catches graphs that load but do not run, and takes first-call costs now.
-    try:
-        logits = model.run(np.zeros((1, 1, manifest.dim), np.float32), np.ones((1, 1), np.bool_))
-    except Exception as exc:
-        raise ManifestError(f"{manifest.server_path}: the server half fails on a CLS-only input: {exc}") from exc
-    if task == "embedding":
-        if logits.ndim != 2 or logits.shape[0] != 1 or logits.shape[1] < 1:
-            raise ManifestError(f"{manifest.server_path}: embedding has shape {logits.shape}, expected (1, D)")
-        model = replace(model, output_size=int(logits.shape[1]))
-    elif logits.shape != (1, model.num_classes):
-        raise ManifestError(
-            f"{manifest.server_path}: logits have shape {logits.shape}, expected (1, {model.num_classes})"
-        )
+    engine = OrtEngine.load(manifest, task, config)  # the provider checked, the signature checked, run once
+    model = LoadedModel(manifest=manifest, engine=engine, packet_limits=PacketLimits.for_manifest(manifest),
+                        task=task, output_size=engine.output_width)
     logger.info("loaded model %s version %s from %s", manifest.name, manifest.version, manifest.folder)
     return model
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-__all__ = ["HEALTH_SERVICE", "TlsConfig", "read_tokens", "BearerTokenInterceptor"]
+__all__ = ["HEALTH_SERVICE", "TlsFileError", "TlsConfig", "read_tokens", "BearerTokenInterceptor"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,47 @@ _AUTH_KEY = "authorization"
 _SCHEME = "bearer "
 
 
+class TlsFileError(ValueError):
+    """A TLS file is missing, unreadable, not PEM of the right kind, or the key does not fit the certificate."""
+
+
+def _no_passphrase() -> bytes:
+    return b""  # an encrypted key fails to load instead of prompting on a terminal (gRPC cannot use one)
+
+
+def check_tls_files(cert: Path, key: Path, client_ca: Path | None = None) -> None:
+    """Parse the PEM files as a TLS server would; TlsFileError naming the file at fault.
+
+    gRPC only finds out when it binds the port, and then reports "Failed to bind".
+    """
+    for what, path in (("certificate", cert), ("key", key), ("client CA", client_ca)):
+        if path is not None and not path.is_file():
+            raise TlsFileError(f"TLS {what} file {path} not found")
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(cert))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TlsFileError(f"TLS certificate file {cert} holds no readable PEM certificate: {exc}") from exc
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(cert), str(key), password=_no_passphrase)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = str(exc)
+        if "KEY_VALUES_MISMATCH" in reason or "key values mismatch" in reason:
+            raise TlsFileError(f"TLS key file {key} does not match the certificate in {cert}") from exc
+        raise TlsFileError(f"TLS key file {key} holds no readable, unencrypted PEM private key: {exc}") from exc
+    if client_ca is not None:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=str(client_ca))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise TlsFileError(f"TLS client CA file {client_ca} holds no readable PEM certificate: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class TlsConfig:
-    """PEM paths: the server's certificate chain and key; ``client_ca`` (optional) turns on mutual TLS."""
+    """PEM paths: the server's certificate chain and key; ``client_ca`` (optional) turns on mutual TLS.
+
+    The files are checked when the config is made (:class:`TlsFileError` names the file at fault).
+    """
 
     cert: Path
     key: Path
@@ -41,22 +80,21 @@ class TlsConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            path = Path(value)
-            object.__setattr__(self, name, path)
-            if not path.is_file():
-                raise ValueError(f"TLS {name.replace('_', ' ')} file {path} not found")
+            object.__setattr__(self, name, Path(value))
+        check_tls_files(self.cert, self.key, self.client_ca)
 
     @property
     def mutual(self) -> bool:
         return self.client_ca is not None
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials for ``add_secure_port``; ValueError when a file cannot be read."""
+        """Credentials for ``add_secure_port``; TlsFileError when a file is unreadable or malformed."""
+        check_tls_files(self.cert, self.key, self.client_ca)  # they may have changed since
         try:
             key, cert = self.key.read_bytes(), self.cert.read_bytes()
             client_ca = self.client_ca.read_bytes() if self.client_ca is not None else None
         except OSError as exc:
-            raise ValueError(f"cannot read TLS files: {exc}") from exc
+            raise TlsFileError(f"cannot read TLS files: {exc}") from exc
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                            require_client_auth=client_ca is not None)
 

@@ -7,6 +7,8 @@ One call::
                       ragged token sets into one batch, run, softmax                 [worker thread]
                    -> build_response                                                 [event loop]
     any SplitInferError -> its status code; anything else -> logged with its traceback, INTERNAL
+    bytes that are not an InferRequest -> INVALID_ARGUMENT (the deserializer never raises)
+    status details are at most protos.errors.MAX_DETAILS_CHARS characters
 
 :class:`AsyncSplitInferServer` is the server inside an event loop; :func:`serve` runs it in the
 main thread until SIGTERM/SIGINT (graceful drain) and reloads models and tokens on SIGHUP.
@@ -29,8 +31,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from splitinfer.protos import DEFAULT_MAX_MESSAGE_BYTES, ManifestError, SplitInferError, splitinfer_pb2_grpc
+from splitinfer.protos import (DEFAULT_MAX_MESSAGE_BYTES, InvalidPacket, ManifestError, SplitInferError,
+                               splitinfer_pb2_grpc)
 from splitinfer.protos import splitinfer_pb2 as pb
+from splitinfer.protos.errors import bounded, status_code_for, status_details
 
 from .batcher import BatchConfig, ModelBatcher
 from .metrics import UNKNOWN_MODEL, MetricsHttpServer, ServerMetrics
@@ -38,9 +42,10 @@ from .registry import LoadedModel, ModelRegistry
 from .repository import ModelSource
 from .security import BearerTokenInterceptor, TlsConfig, read_tokens
 from .service import MAX_REQUEST_ID_CHARS, ModelLookup, build_response, route_request
+from .stream import DEFAULT_STREAM_WINDOW, parse_stream_request, serve_stream
 
-__all__ = ["SERVICE_NAME", "ServerConfig", "SplitInferenceServicer", "ModelRouter", "AsyncSplitInferServer",
-           "SplitInferServer", "create_server", "serve"]
+__all__ = ["SERVICE_NAME", "ServerConfig", "SplitInferenceServicer", "UndecodableRequest", "parse_infer_request",
+           "add_servicer", "ModelRouter", "AsyncSplitInferServer", "SplitInferServer", "create_server", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,7 @@ class ServerConfig:
     metrics_host: str | None = None
     metrics_port: int | None = None
     reflection: bool = True
+    health_port: int | None = None  # a second, plaintext listener with only the health service (probes)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -94,6 +100,8 @@ class ServerConfig:
             raise ValueError(f"max_tokens_per_request must be >= 1 or None, got {self.max_tokens_per_request}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
         object.__setattr__(self, "auth_tokens", tuple(self.auth_tokens))
         if self.auth_token_file is not None:
             object.__setattr__(self, "auth_token_file", Path(self.auth_token_file))
@@ -176,14 +184,19 @@ class ModelRouter:
 class SplitInferenceServicer(splitinfer_pb2_grpc.SplitInferenceServicer):
     """``splitinfer.v1.SplitInference`` on grpc.aio: decode, batch, answer; errors become status codes."""
 
-    def __init__(self, router: ModelRouter, metrics: ServerMetrics, max_tokens: int | None = None) -> None:
+    def __init__(self, router: ModelRouter, metrics: ServerMetrics, max_tokens: int | None = None,
+                 stream_window: int = DEFAULT_STREAM_WINDOW) -> None:
         self._router = router
         self._metrics = metrics
         self._max_tokens = max_tokens
+        self._stream_window = stream_window
 
-    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+    async def Infer(self, request: "pb.InferRequest | UndecodableRequest",
+                    context: grpc.aio.ServicerContext) -> pb.InferResponse:
         received_at = time.perf_counter()
         model = None
+        if isinstance(request, UndecodableRequest):
+            await self._refuse_undecodable(request, context, received_at)  # aborts the call
         try:
             model = route_request(self._router.lookup, request, self._max_tokens)
             self._metrics.request_received(model.name, request.packet.num_tokens, request.ByteSize())
@@ -197,16 +210,16 @@ class SplitInferenceServicer(splitinfer_pb2_grpc.SplitInferenceServicer):
             response = build_response(request, model, probabilities, decode_ms=decode_ms, compute_ms=compute_ms,
                                       received_at=received_at)
         except SplitInferError as exc:
-            code, message = exc.code, str(exc)
+            code, message = status_code_for(exc), status_details(exc)
             log_level = logging.INFO
         except asyncio.CancelledError:  # the client cancelled or its deadline passed
             label = model.name if model is not None else self._router.label(request.model)
             self._metrics.request_done(label, "CANCELLED", time.perf_counter() - received_at)
             raise
-        except Exception:
+        except Exception as exc:
             logger.exception("Infer model=%r request_id=%r: unexpected error", request.model[:64],
                              request.request_id[:MAX_REQUEST_ID_CHARS])
-            code, message = grpc.StatusCode.INTERNAL, "internal server error; the server log has the details"
+            code, message = status_code_for(exc), status_details(exc)
             log_level = logging.ERROR
         else:
             self._metrics.request_done(model.name, "OK", time.perf_counter() - received_at)
@@ -214,8 +227,63 @@ class SplitInferenceServicer(splitinfer_pb2_grpc.SplitInferenceServicer):
         label = model.name if model is not None else self._router.label(request.model)
         self._metrics.request_done(label, code.name, time.perf_counter() - received_at)
         logger.log(log_level, "Infer refused: %s %s", code.name, message, extra={
-            "model": request.model[:64], "request_id": request.request_id[:MAX_REQUEST_ID_CHARS], "code": code.name})
+            "model": bounded(request.model, 64), "request_id": request.request_id[:MAX_REQUEST_ID_CHARS],
+            "code": code.name})
         await context.abort(code, message)
+
+    async def InferStream(self, messages, context: grpc.aio.ServicerContext):
+        """Many requests over one call, each answered like ``Infer`` (see cloud/stream.py)."""
+        async for answer in serve_stream(self._router, self._metrics, self._max_tokens, messages, context,
+                                         self._stream_window):
+            yield answer
+
+    async def _refuse_undecodable(self, request: "UndecodableRequest", context: grpc.aio.ServicerContext,
+                                  received_at: float) -> None:
+        """Bytes that are not an InferRequest: counted, logged in one line, answered INVALID_ARGUMENT."""
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, status_details(InvalidPacket(request.reason))
+        self._metrics.request_done(UNKNOWN_MODEL, code.name, time.perf_counter() - received_at)
+        logger.info("Infer refused: %s %s", code.name, message, extra={"code": code.name,
+                                                                       "request_bytes": request.size})
+        await context.abort(code, message)
+
+
+class UndecodableRequest:
+    """What :func:`parse_infer_request` hands the servicer for bytes that do not parse as an InferRequest."""
+
+    __slots__ = ("reason", "size")
+
+    def __init__(self, reason: str, size: int) -> None:
+        self.reason = reason
+        self.size = size
+
+
+def parse_infer_request(data: bytes) -> "pb.InferRequest | UndecodableRequest":
+    """The Infer method's request deserializer: never raises.
+
+    grpc.aio answers an exception raised by a deserializer as UNKNOWN and logs its traceback, and
+    the servicer never sees the call; an :class:`UndecodableRequest` instead reaches the servicer,
+    which answers INVALID_ARGUMENT and counts it like every other call.
+    """
+    try:
+        return pb.InferRequest.FromString(data)
+    except Exception as exc:  # DecodeError for malformed protobuf or invalid UTF-8; anything else alike
+        return UndecodableRequest(f"the request is not a valid splitinfer.v1.InferRequest "
+                                  f"({len(data)} bytes): {type(exc).__name__}: {exc}", len(data))
+
+
+def add_servicer(servicer: SplitInferenceServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like the generated ``add_SplitInferenceServicer_to_server``, but with
+    :func:`parse_infer_request` (and :func:`~.stream.parse_stream_request`) as the request deserializers."""
+    handlers = {
+        "Infer": grpc.unary_unary_rpc_method_handler(
+            servicer.Infer, request_deserializer=parse_infer_request,
+            response_serializer=pb.InferResponse.SerializeToString),
+        "InferStream": grpc.stream_stream_rpc_method_handler(
+            servicer.InferStream, request_deserializer=parse_stream_request,
+            response_serializer=pb.StreamResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class AsyncSplitInferServer:
@@ -238,8 +306,11 @@ class AsyncSplitInferServer:
                       if tokens else None)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
+        self.refusing = threading.Event()  # set once a stop has begun: new calls are refused from then on
         self._stop_task: asyncio.Future | None = None
         self._reload_lock = asyncio.Lock()
         self.port = 0
@@ -256,7 +327,8 @@ class AsyncSplitInferServer:
         return tuple(getattr(self.router.lookup, "names", ()))
 
     async def bind(self) -> int:
-        """Build the gRPC server and bind its port (OSError if it cannot); returns the bound port."""
+        """Build the gRPC server and bind its port (OSError if it cannot, TlsFileError for a bad TLS
+        file); returns the bound port."""
         c = self.config
         options = [
             ("grpc.max_receive_message_length", c.max_message_bytes),
@@ -265,22 +337,32 @@ class AsyncSplitInferServer:
         ]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=c.max_concurrent_rpcs,
                                  interceptors=[self._auth] if self._auth is not None else None)
-        splitinfer_pb2_grpc.add_SplitInferenceServicer_to_server(
-            SplitInferenceServicer(self.router, self.metrics, c.max_tokens_per_request), server)
+        add_servicer(SplitInferenceServicer(self.router, self.metrics, c.max_tokens_per_request), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if c.reflection:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME), server)
+        credentials = c.tls.server_credentials() if c.tls is not None else None  # TlsFileError if unusable
         try:
-            if c.tls is None:
+            if credentials is None:
                 bound = server.add_insecure_port(c.address())
             else:
-                bound = server.add_secure_port(c.address(), c.tls.server_credentials())
+                bound = server.add_secure_port(c.address(), credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {c.address()}: {exc}") from exc
         if bound == 0:
             raise OSError(f"cannot listen on {c.address()}")
+        if c.health_port is not None:  # plaintext health only: orchestrator probes cannot speak TLS
+            health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+            try:
+                self.health_port = health_server.add_insecure_port(c.address(c.health_port))
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen on {c.address(c.health_port)}: {exc}") from exc
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {c.address(c.health_port)}")
+            self._health_server = health_server
         for service in ("", SERVICE_NAME, *self._health_names()):
             await self.health.set(service, _SERVING)
         self._server, self.port, self.address = server, bound, c.address(bound)
@@ -294,6 +376,8 @@ class AsyncSplitInferServer:
                                                    self.config.metrics_port)
             self.metrics_url = self._metrics_http.url
         await self._server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         logger.info("listening on %s", self.address, extra={
             "tls": "mutual" if self.config.tls and self.config.tls.mutual else bool(self.config.tls),
             "auth": self._auth is not None, "metrics": self.metrics_url or "off"})
@@ -345,7 +429,13 @@ class AsyncSplitInferServer:
         await self.health.enter_graceful_shutdown()
         in_flight = self.router.in_flight
         if self._server is not None:
-            await self._server.stop(grace)
+            grpc_stop = asyncio.ensure_future(self._server.stop(grace))
+            await asyncio.sleep(0)  # its first step shuts the listener and refuses new calls
+            self.refusing.set()
+            await grpc_stop
+        self.refusing.set()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.router.close()
         self._executor.shutdown(wait=False)
         if self._metrics_http is not None:
@@ -384,6 +474,11 @@ class SplitInferServer:
     def metrics_url(self) -> str | None:
         return self._inner.metrics_url
 
+    @property
+    def health_port(self) -> int | None:
+        """The plaintext health-only port (``ServerConfig.health_port``), None without one."""
+        return self._inner.health_port
+
     def _call(self, coro, timeout: float | None = 30.0):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
@@ -396,7 +491,8 @@ class SplitInferServer:
     def stop(self, grace: float | None = None) -> threading.Event:
         """Drain and stop (``grace`` s for in-flight calls); the returned event is set once stopped.
 
-        Called again while draining, it cuts the grace to the new ``grace``.
+        Returns once new calls are refused. Called again while draining, it cuts the grace to the
+        new ``grace``.
         """
         if not self._thread.is_alive():
             self._stopped.set()
@@ -414,6 +510,7 @@ class SplitInferServer:
 
         asyncio.run_coroutine_threadsafe(stop_then_exit(), self._loop)
         threading.Thread(target=self._join_then_set, daemon=True).start()
+        self._inner.refusing.wait(10.0)
         return self._stopped
 
     def _join_then_set(self) -> None:

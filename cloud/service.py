@@ -17,6 +17,7 @@ import numpy as np
 from splitinfer.protos import InvalidPacket, ServerInternalError, decode_tokens
 from splitinfer.protos import splitinfer_pb2 as pb
 
+from .engine import ServerHalf
 from .registry import LoadedModel
 
 __all__ = ["MAX_REQUEST_ID_CHARS", "ModelLookup", "validate_request", "softmax", "route_request", "decode_request",
@@ -81,7 +82,7 @@ def decode_request(
     return model, tokens
 
 
-def probabilities_from_logits(model: LoadedModel, logits: np.ndarray, rows: int) -> np.ndarray:
+def probabilities_from_logits(model: ServerHalf, logits: np.ndarray, rows: int) -> np.ndarray:
     """The server half's output (rows, C) -> the answers float32 (rows, C): softmax probabilities,
     or for an embedding model the embedding itself (rows, D).
 

@@ -59,6 +59,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="bearer token sent with every call (first line of FILE; or set $SPLITINFER_AUTH_TOKEN)")
     p.add_argument("--timeout-ms", type=_positive_float, default=1000.0,
                    help="deadline of each offload call (default 1000)")
+    p.add_argument("--stream", action="store_true",
+                   help="carry offloads over one InferStream call per server (less per-call cost; unary calls "
+                        "against a server without it)")
     p.add_argument("--threads", type=_non_negative_int, default=1,
                    help="ONNX Runtime intra-op threads (default 1; 0 = one per core)")
     p.add_argument("--spin", action="store_true",
@@ -112,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.stream and not args.server:
+        print(f"{PROG}: error: --stream needs --server", file=sys.stderr)
+        return 2
     if args.server and args.local_server:
         print(f"{PROG}: error: --server and --local-server exclude each other", file=sys.stderr)
         return 2
@@ -124,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 other = "classify" if manifest.input.kind == "image" else "text"
                 raise ValueError(f"{manifest.name} reads {manifest.input.kind}: use '{PROG} {other}'")
             if args.server:
-                transport = GrpcTransport(args.server, timeout_s=args.timeout_ms / 1e3,
+                transport = GrpcTransport(args.server, timeout_s=args.timeout_ms / 1e3, streaming=args.stream,
                                           max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, **_security(args))
             elif args.local_server:
                 from .local import LocalTransport

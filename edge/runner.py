@@ -309,7 +309,9 @@ class EdgeRunner:
         """importance float32 (N - 1,) -> token positions int64 (1 + K,): 0 (CLS), then 1 + token index."""
         policy, _ = self._settings(point)
         chosen = select_tokens(importance, policy.mass, policy.budget, policy.min_tokens)
-        return np.concatenate([np.zeros(1, dtype=np.int64), 1 + chosen.astype(np.int64)])
+        positions = np.zeros(chosen.size + 1, dtype=np.int64)
+        np.add(chosen, 1, out=positions[1:])
+        return positions
 
     def build_request(self, tokens: np.ndarray, importance: np.ndarray, request_id: str,
                       point: "OperatingPoint | None" = None) -> pb.InferRequest:

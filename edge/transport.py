@@ -8,6 +8,12 @@ call, sets message size limits explicitly (the same ones the server uses), optio
 Scale-out: given several server addresses, one channel spreads calls over all of them with gRPC's
 ``round_robin`` policy; a server that goes away is skipped, and a call it fails with UNAVAILABLE
 is retried on another (within the same deadline). TLS, mutual TLS and a bearer token are options.
+
+Reconnection: while a server is away, calls fail fast (UNAVAILABLE) and the edge answers degraded;
+gRPC tries to reconnect after an exponential backoff. Its default backoff grows to 120 s, so after
+a 30 s outage the edge kept answering degraded for about 10 s (up to 15 s) after the server was
+back; here it starts at 0.1 s and stops growing at ``max_reconnect_backoff_s`` (1 s, so at most
+about 1.2 s with gRPC's 20% jitter; ``benchmarks/reconnect.py`` measures it).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import ipaddress
 import json
 import logging
 import socket
+import threading
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -23,13 +30,22 @@ import grpc
 from splitinfer.protos import DEFAULT_MAX_MESSAGE_BYTES
 from splitinfer.protos import splitinfer_pb2 as pb
 from splitinfer.protos import splitinfer_pb2_grpc
-from splitinfer.protos.errors import ServerUnavailable, from_rpc_error
+from splitinfer.protos.errors import ServerUnavailable, SplitInferError, from_rpc_error
 
-__all__ = ["Transport", "GrpcTransport", "channel_target", "split_targets"]
+from .streaming import DuplicateRequestId, InferStreamCall
+
+__all__ = ["DEFAULT_MAX_RECONNECT_BACKOFF_S", "Transport", "GrpcTransport", "channel_target", "reconnect_options",
+           "split_targets"]
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "splitinfer.v1.SplitInference"
+DEFAULT_MAX_RECONNECT_BACKOFF_S = 1.0
+_INITIAL_RECONNECT_BACKOFF_S = 0.1
+
+
+class _UseUnary(Exception):
+    """This request goes as a unary call (the server has no InferStream, or its request_id cannot be matched)."""
 
 
 @runtime_checkable
@@ -56,7 +72,14 @@ class GrpcTransport:
     ``authorization: Bearer <token>`` with every call. max_attempts: 1 = no retry; 2..5 = retry
     calls that fail with UNAVAILABLE, within the same deadline (None: 1 for one server, 3 for
     several). wait_for_ready: queue calls while the channel connects instead of failing fast (the
-    deadline still bounds them).
+    deadline still bounds them). max_reconnect_backoff_s: longest wait between two connection
+    attempts while the server is away, seconds (None: gRPC's defaults, 1 s growing to 120 s).
+    streaming: carry requests over one long-lived ``InferStream`` call (less per-call cost when a
+    device sends many inputs, from one thread or several at once) instead of one ``Infer`` call
+    each; a server without InferStream (UNIMPLEMENTED) gets unary calls from then on, and so does a
+    request with an empty or duplicate request_id. A stream that breaks (UNAVAILABLE) sends the
+    request it was carrying as a unary call (retried on another server as above) and is reopened
+    on the next call.
     """
 
     def __init__(
@@ -69,6 +92,8 @@ class GrpcTransport:
         wait_for_ready: bool = False,
         auth_token: str | None = None,
         tls_server_name: str | None = None,
+        max_reconnect_backoff_s: float | None = DEFAULT_MAX_RECONNECT_BACKOFF_S,
+        streaming: bool = False,
     ) -> None:
         targets = split_targets(target)
         if not timeout_s > 0:
@@ -81,6 +106,8 @@ class GrpcTransport:
             raise ValueError(f"max_attempts must be in [1, 5], got {max_attempts}")
         if auth_token is not None and (not auth_token.strip() or any(c.isspace() for c in auth_token.strip())):
             raise ValueError("auth_token must be a non-empty string without whitespace")
+        if max_reconnect_backoff_s is not None and not 0.01 <= max_reconnect_backoff_s <= 300:
+            raise ValueError(f"max_reconnect_backoff_s must be in [0.01, 300] or None, got {max_reconnect_backoff_s}")
         self.targets = tuple(targets)
         self.target = channel_target(targets)
         self.timeout_s = float(timeout_s)
@@ -97,17 +124,28 @@ class GrpcTransport:
             options.append(("grpc.enable_retries", 0))
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
+        options.extend(reconnect_options(max_reconnect_backoff_s))
         if credentials is None:
             self._channel = grpc.insecure_channel(self.target, options=options)
         else:
             self._channel = grpc.secure_channel(self.target, credentials, options=options)
         self._stub = splitinfer_pb2_grpc.SplitInferenceStub(self._channel)
         self._closed = False
+        self.streaming = streaming
+        # one stream per server address: round_robin places each new call on the next server
+        self._streams: list[InferStreamCall | None] = [None] * len(self.targets)
+        self._next_stream = 0
+        self._stream_lock = threading.Lock()
 
     def infer(self, request: pb.InferRequest) -> pb.InferResponse:
         """One call with a deadline of ``timeout_s``; raises the matching SplitInferError on failure."""
         if self._closed:
             raise ServerUnavailable(f"transport to {self.target} is closed")
+        if self.streaming and request.request_id:
+            try:
+                return self._infer_streamed(request)
+            except _UseUnary:
+                pass
         try:
             return self._stub.Infer(request, timeout=self.timeout_s, wait_for_ready=self.wait_for_ready,
                                     metadata=self._metadata)
@@ -116,9 +154,35 @@ class GrpcTransport:
             logger.debug("Infer %s to %s failed: %s", request.request_id, self.target, error)
             raise error from exc
 
+    def _infer_streamed(self, request: pb.InferRequest) -> pb.InferResponse:
+        """``request`` over the shared InferStream call; _UseUnary when it has to go unary instead."""
+        with self._stream_lock:
+            slot = self._next_stream
+            self._next_stream = (slot + 1) % len(self._streams)
+            stream = self._streams[slot]
+            if stream is None or not stream.alive:
+                stream = self._streams[slot] = InferStreamCall(self._stub, self._metadata, self.wait_for_ready)
+        try:
+            return stream.infer(request, self.timeout_s)
+        except DuplicateRequestId:
+            raise _UseUnary from None
+        except SplitInferError as exc:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                logger.info("%s has no InferStream: unary Infer calls from now on", self.target)
+                self.streaming = False
+                raise _UseUnary from None
+            if exc.code == grpc.StatusCode.UNAVAILABLE and not stream.alive:
+                raise _UseUnary from None  # the stream broke: this request goes unary (with its retry policy)
+            raise
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            with self._stream_lock:
+                streams, self._streams = self._streams, [None] * len(self._streams)
+            for stream in streams:
+                if stream is not None:
+                    stream.close()
             self._channel.close()
 
     def __enter__(self) -> "GrpcTransport":
@@ -129,6 +193,19 @@ class GrpcTransport:
 
     def __repr__(self) -> str:
         return f"GrpcTransport({self.target!r}, timeout_s={self.timeout_s}, max_attempts={self.max_attempts})"
+
+
+def reconnect_options(max_backoff_s: float | None) -> list[tuple[str, int]]:
+    """Channel options for the reconnect backoff: 0.1 s growing (x1.6, +-20% jitter) to ``max_backoff_s``.
+
+    None: none (gRPC's defaults). The connection attempt's own timeout (``grpc.min_reconnect_backoff_ms``,
+    20 s) is left alone, so a slow link still gets to finish its handshake.
+    """
+    if max_backoff_s is None:
+        return []
+    max_ms = round(max_backoff_s * 1e3)
+    return [("grpc.initial_reconnect_backoff_ms", min(round(_INITIAL_RECONNECT_BACKOFF_S * 1e3), max_ms)),
+            ("grpc.max_reconnect_backoff_ms", max_ms)]
 
 
 def split_targets(target: str | Sequence[str]) -> list[str]:

@@ -83,6 +83,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="also write an INT8 device half (static, calibrated; QDQ and QOperator tried) beside the float one")
     p.add_argument("--triton", type=Path, default=None, metavar="DIR",
                    help="also write the server half into this Triton model repository (config.pbtxt + model.onnx)")
+    p.add_argument("--triton-provider", default=None,
+                   help="with --triton: where Triton runs the server half (cpu, cuda, tensorrt, openvino; default cpu)")
     _add_model_arguments(p)
 
 
@@ -131,6 +133,15 @@ def build_split_model(args: argparse.Namespace):
     from .adapters.split import SplitModel
 
     options = {k: getattr(args, k, None) for k in ("checkpoint", "timm_model", "num_classes", "hf_model", "max_length")}
+    heads = getattr(args, "heads", None)
+    if args.adapter == "hf" and heads is not None and Path(heads).is_file():
+        from .text_finetune import build_text_classifier, is_text_heads
+
+        blob = torch.load(heads, map_location="cpu", weights_only=True)
+        if is_text_heads(blob):  # a bare encoder made a classifier: classes, heads and bottlenecks from the file
+            if args.split and args.split != blob["split"]:
+                raise ValueError(f"{heads} was trained for split {blob['split']}, exporting split {args.split}")
+            return build_text_classifier(args.hf_model, heads=blob)[0]
     try:
         backbone, entry = load_backbone(args.adapter, options)
     except UnsupportedModelError as exc:
@@ -186,6 +197,12 @@ def _export(args: argparse.Namespace) -> int:
                             encoding=args.encoding, max_accuracy_drop=args.max_accuracy_drop,
                             calibration_size=args.calibration_size, quantize=args.quantize, plot=not args.no_plot)
     options.space_for(model)  # an option the model cannot take fails before any data is read
+    if args.triton_provider is not None and args.triton is None:
+        raise ValueError("--triton-provider applies with --triton DIR")
+    if args.triton_provider is not None:
+        from .triton import TritonOptions
+
+        TritonOptions(provider=args.triton_provider)
     spec = args.data or default_data(args.adapter, backbone.task)
     if spec is None:
         raise ValueError(f"--adapter {args.adapter} ({backbone.task}) needs --data: calibration inputs"
@@ -200,9 +217,9 @@ def _export(args: argparse.Namespace) -> int:
               "files": sorted(manifest.files), "device_auto_choice": manifest.device_auto_choice}
     print(json.dumps(report, indent=2))
     if args.triton is not None:
-        from .triton import write_triton_repository
+        from .triton import TritonOptions, write_triton_repository
 
-        folder = write_triton_repository(args.out, args.triton)
+        folder = write_triton_repository(args.out, args.triton, TritonOptions(provider=args.triton_provider or "cpu"))
         print(json.dumps({"triton_model": str(folder)}))
     return 0
 

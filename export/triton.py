@@ -23,7 +23,7 @@ import onnx
 
 from splitinfer.protos import load_manifest
 
-__all__ = ["TritonOptions", "triton_config", "write_triton_repository"]
+__all__ = ["TRITON_PROVIDERS", "TritonOptions", "triton_config", "write_triton_repository"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +34,24 @@ _TRITON_TYPES = {
     onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64",
 }
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# provider -> (instance kind, execution accelerator of Triton's onnxruntime backend or None)
+TRITON_PROVIDERS = {"cpu": ("KIND_CPU", None), "openvino": ("KIND_CPU", "openvino"), "cuda": ("KIND_GPU", None),
+                    "tensorrt": ("KIND_GPU", "tensorrt")}
 
 
 @dataclass(frozen=True)
 class TritonOptions:
     """max_batch_size: Triton's batch limit. max_queue_delay_us: how long Triton holds a request to
-    fill a batch. instances: model instances (CPU). version: the Triton version folder (an integer)."""
+    fill a batch. instances: model instances (per GPU for a GPU provider). version: the Triton
+    version folder (an integer). provider: where Triton's ONNX Runtime backend runs the model, as
+    ``splitinfer-serve --provider`` names it: "cpu" (KIND_CPU), "openvino" (KIND_CPU with the
+    OpenVINO accelerator), "cuda" (KIND_GPU) or "tensorrt" (KIND_GPU with the TensorRT accelerator)."""
 
     max_batch_size: int = 16
     max_queue_delay_us: int = 500
     instances: int = 1
     version: int = 1
+    provider: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "instances", "version"):
@@ -52,6 +59,13 @@ class TritonOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if self.provider not in TRITON_PROVIDERS:
+            raise ValueError(f"provider must be one of {sorted(TRITON_PROVIDERS)} for Triton, got {self.provider!r}")
+
+    @property
+    def kind(self) -> str:
+        """Triton's instance kind: KIND_GPU for CUDA and TensorRT, else KIND_CPU."""
+        return TRITON_PROVIDERS[self.provider][0]
 
 
 def _signature(values) -> list[tuple[str, str, list[int]]]:
@@ -91,11 +105,22 @@ def triton_config(model_path: Path, name: str, sha256: str, options: TritonOptio
         f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]",
         f"  max_queue_delay_microseconds: {options.max_queue_delay_us}",
         "}",
-        f"instance_group [\n  {{\n    count: {options.instances}\n    kind: KIND_CPU\n  }}\n]",
+        f"instance_group [\n  {{\n    count: {options.instances}\n    kind: {options.kind}\n  }}\n]",
+        *_accelerator(options),
         "version_policy: { latest: { num_versions: 1 } }",
         'parameters: {\n  key: "splitinfer_manifest_sha256"\n  value: { string_value: "' + sha256 + '" }\n}',
         "",
     ])
+
+
+def _accelerator(options: TritonOptions) -> list[str]:
+    """The ``optimization`` block that turns on TensorRT (GPU) or OpenVINO (CPU) in the onnxruntime backend."""
+    kind, accelerator = TRITON_PROVIDERS[options.provider]
+    if accelerator is None:
+        return []
+    slot = "gpu_execution_accelerator" if kind == "KIND_GPU" else "cpu_execution_accelerator"
+    return ["optimization {", "  execution_accelerators {", f'    {slot}: [ {{ name: "{accelerator}" }} ]',
+            "  }", "}"]
 
 
 def write_triton_repository(model_dir: str | Path, repository: str | Path,

@@ -7,7 +7,9 @@ packet smaller).
 
 Pure numpy. Every decode validates before it allocates: the declared sizes must agree with each
 other and with the caller's limits before any buffer is decompressed or converted, and zstd output
-is capped at the size the header fields imply (no decompression bombs). Every failure raises
+is capped at the size the header fields imply (no decompression bombs). The decoded tokens are
+checked before anything computes on them: finite and within ``PacketLimits.max_abs_value`` (finite
+but huge int8/int4 scales overflow a server half's float32 arithmetic). Every failure raises
 :class:`~splitinfer.protos.errors.InvalidPacket` with the reason.
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ import zstandard
 from . import splitinfer_pb2 as pb
 from .errors import InvalidPacket
 
-__all__ = ["CodecConfig", "PacketLimits", "load_dictionary", "ENCODINGS", "COMPRESSIONS", "SCALE_DTYPES", "encode_tokens",
+__all__ = ["CodecConfig", "PacketLimits", "DEFAULT_MAX_ABS_VALUE", "load_dictionary", "ENCODINGS", "COMPRESSIONS",
+           "SCALE_DTYPES", "encode_tokens",
            "decode_tokens", "quantize", "dequantize", "quantize_int8", "dequantize_int8", "pack_int4",
            "unpack_int4", "raw_payload_bytes"]
 
@@ -31,6 +34,7 @@ SCALE_DTYPES = {"fp32": pb.ENCODING_FP32, "fp16": pb.ENCODING_FP16}
 _BITS = {pb.ENCODING_FP32: 32, pb.ENCODING_FP16: 16, pb.ENCODING_INT8: 8, pb.ENCODING_INT4: 4}
 _DTYPES = {pb.ENCODING_FP32: np.dtype("<f4"), pb.ENCODING_FP16: np.dtype("<f2"), pb.ENCODING_INT8: np.dtype("i1")}
 QMAX = {8: 127.0, 4: 7.0}
+DEFAULT_MAX_ABS_VALUE = 1e6
 INT8_MAX = QMAX[8]
 
 # zstd (de)compressors are not thread-safe and cost tens of microseconds to make (more with a
@@ -102,6 +106,9 @@ class PacketLimits:
     require_cls: bool = True  # position 0 (CLS) must be present
     max_decompressed_bytes: int = 16 * 1024 * 1024
     zstd_dictionary: "bytes | zstandard.ZstdCompressionDict | None" = None  # for COMPRESSION_ZSTD_DICT
+    # largest |token value| accepted after decoding: a transformer's activations stay far below it,
+    # and values beyond it (sums of their squares in LayerNorm) overflow float32 in the server half
+    max_abs_value: float = DEFAULT_MAX_ABS_VALUE
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.max_position < 1:
@@ -110,6 +117,8 @@ class PacketLimits:
             raise ValueError(f"max_tokens must be in [1, max_position={self.max_position}], got {self.max_tokens}")
         if self.max_decompressed_bytes < 1:
             raise ValueError(f"max_decompressed_bytes must be >= 1, got {self.max_decompressed_bytes}")
+        if not 0 < self.max_abs_value < np.finfo(np.float32).max:
+            raise ValueError(f"max_abs_value must be in (0, float32 max), got {self.max_abs_value}")
         object.__setattr__(self, "zstd_dictionary", load_dictionary(self.zstd_dictionary))
 
     @classmethod
@@ -139,6 +148,21 @@ def quantize(tokens: np.ndarray, bits: int = 8, group_size: int = 0, scale_dtype
     k, d = tokens.shape
     g = _groups(d, group_size)
     qmax = np.float32(QMAX[bits])
+    if g == 1:  # one scale per token: the edge's hot path, fewer temporaries
+        scale = np.abs(tokens).max(axis=1)
+        scale /= qmax
+        top = float(scale.max())
+        if not np.isfinite(top):  # NaN or inf anywhere in the tokens
+            raise ValueError("tokens contain NaN or inf")
+        if scale_dtype == "fp16":
+            if top > 65504.0:
+                raise ValueError("token values too large for float16 scales; use scale_dtype='fp32'")
+            scale = scale.astype(np.float16).astype(np.float32)
+        scale[scale == 0] = np.float32(1.0)
+        q = tokens / scale[:, None]
+        np.rint(q, out=q)
+        np.clip(q, -qmax, qmax, out=q)
+        return q.astype(np.int8), scale[:, None]
     grouped = tokens.reshape(k, g, d // g)
     scale = np.abs(grouped).max(axis=-1) / qmax  # (K, G)
     if scale_dtype == "fp16":
@@ -153,10 +177,11 @@ def quantize(tokens: np.ndarray, bits: int = 8, group_size: int = 0, scale_dtype
 
 
 def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """q int8 (K, d), scales float32 (K, G) -> float32 (K, d)."""
+    """q int8 (K, d), scales float32 (K, G) -> float32 (K, d); a product beyond float32 is inf (no warning)."""
     k, d = q.shape
     g = scales.shape[1]
-    return (q.reshape(k, g, d // g).astype(np.float32) * scales.astype(np.float32)[:, :, None]).reshape(k, d)
+    with np.errstate(over="ignore"):
+        return (q.reshape(k, g, d // g).astype(np.float32) * scales.astype(np.float32)[:, :, None]).reshape(k, d)
 
 
 def quantize_int8(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +197,8 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 def pack_int4(q: np.ndarray) -> bytes:
     """int8 values in [-8, 7], even count -> bytes, two's complement nibbles, low nibble first."""
-    flat = (q.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
-    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+    flat = q.reshape(-1).view(np.uint8) & np.uint8(0x0F)  # two's complement: the low nibble is the value
+    return (flat[0::2] | (flat[1::2] << np.uint8(4))).tobytes()
 
 
 def unpack_int4(raw: bytes, count: int) -> np.ndarray:
@@ -202,9 +227,9 @@ def encode_tokens(tokens: np.ndarray, positions: np.ndarray, config: CodecConfig
         raise ValueError(f"tokens must be a non-empty (K, d) array, got shape {tokens.shape}")
     if positions.shape != (tokens.shape[0],):
         raise ValueError(f"positions must have shape ({tokens.shape[0]},), got {positions.shape}")
-    if not np.all(np.isfinite(tokens)):
-        raise ValueError("tokens contain NaN or inf")
     encoding = ENCODINGS[config.encoding]
+    if encoding not in (pb.ENCODING_INT8, pb.ENCODING_INT4) and not np.isfinite(np.abs(tokens).max()):
+        raise ValueError("tokens contain NaN or inf")  # int8 / int4: quantize checks on its way
     scales, group_size, scales_encoding = b"", 0, pb.ENCODING_UNSPECIFIED
     if encoding in (pb.ENCODING_INT8, pb.ENCODING_INT4):
         if encoding == pb.ENCODING_INT4 and tokens.shape[1] % 2:
@@ -285,9 +310,22 @@ def decode_tokens(packet: pb.TokenPacket, limits: PacketLimits) -> tuple[np.ndar
         tokens = dequantize(q, scales)
     else:
         tokens = np.frombuffer(raw, dtype=_DTYPES[packet.encoding]).reshape(k, d).astype(np.float32)
-        if not np.all(np.isfinite(tokens)):
-            raise InvalidPacket("token values contain NaN or inf")
+    _check_values(tokens, limits.max_abs_value, quantized)
     return tokens, positions
+
+
+def _check_values(tokens: np.ndarray, limit: float, quantized: bool) -> None:
+    """InvalidPacket unless every value of tokens float32 (K, d) is finite with |x| <= limit."""
+    peak = float(np.max(np.abs(tokens)))  # NaN if any value is NaN
+    if peak <= limit:
+        return
+    finite = bool(np.isfinite(tokens).all())
+    if quantized:
+        state = f"reach |x| = {peak:.3g}, above the limit of {limit:g}" if finite else "are not finite"
+        raise InvalidPacket(f"scale out of range: tokens {state} after dequantization")
+    if not finite:
+        raise InvalidPacket("token values contain NaN or inf")
+    raise InvalidPacket(f"token values out of range: |x| reaches {peak:.3g}, the limit is {limit:g}")
 
 
 def _decompress(packet: pb.TokenPacket, raw_size: int, dictionary) -> bytes:

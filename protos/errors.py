@@ -1,7 +1,9 @@
 """One error hierarchy for the whole system, mapped to gRPC status codes in one place.
 
-The server raises these and ``abort_with`` turns them into a status; the client turns a status
-back into the same exception with ``from_rpc_error``. Nothing reaches a client as UNKNOWN.
+The server raises these and turns them into a status (code from ``status_code_for``, details
+from ``status_details``, at most ``MAX_DETAILS_CHARS`` characters, so a request cannot make its
+own error message grow past gRPC's metadata limit); the client turns a status back into the same
+exception with ``from_rpc_error``. Nothing reaches a client as UNKNOWN.
 """
 from __future__ import annotations
 
@@ -18,9 +20,18 @@ __all__ = [
     "ServerUnavailable",
     "ServerInternalError",
     "ManifestError",
+    "MAX_DETAILS_CHARS",
     "status_code_for",
+    "status_details",
+    "bounded",
     "from_rpc_error",
+    "from_status",
 ]
+
+# Longest status details (and logged reason) the server sends: echoed client input (a model name,
+# a request id) must not grow an error past gRPC's 8 KiB metadata limit.
+MAX_DETAILS_CHARS = 200
+_ELLIPSIS = " … "
 
 
 class SplitInferError(Exception):
@@ -85,10 +96,40 @@ def status_code_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def bounded(text: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters: its start and its end around " … " (the end of an
+    error message often says what to do, so both are kept)."""
+    if len(text) <= limit:
+        return text
+    if limit <= len(_ELLIPSIS) + 2:
+        return text[:limit]
+    room = limit - len(_ELLIPSIS)
+    head = room * 3 // 4
+    return text[:head] + _ELLIPSIS + text[len(text) - (room - head):]
+
+
+def status_details(exc: BaseException) -> str:
+    """The status details a server answers for ``exc``: its message for a SplitInferError (bounded),
+    a fixed sentence for anything unexpected (its text may hold internals)."""
+    if isinstance(exc, SplitInferError):
+        return bounded(str(exc))
+    return "internal server error; the server log has the details"
+
+
 def from_rpc_error(err: grpc.RpcError) -> SplitInferError:
     """The exception a client raises for a failed call (UNKNOWN and others map to ServerInternalError)."""
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
+    return from_status(code, details)
+
+
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def from_status(code: "grpc.StatusCode | int | None", details: str) -> SplitInferError:
+    """The exception for a status given as a code (or its number, as InferStream's ErrorStatus sends it)."""
+    if isinstance(code, int):
+        code = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
     cls = _BY_CODE.get(code, ServerInternalError)
     exc = cls(f"{getattr(code, 'name', code)}: {details}")
     exc.code = code if code is not None else cls.code

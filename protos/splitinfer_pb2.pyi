@@ -90,3 +90,29 @@ class InferResponse(_message.Message):
     model_version: str
     embedding: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, request_id: _Optional[str] = ..., probabilities: _Optional[_Iterable[float]] = ..., label: _Optional[int] = ..., timings: _Optional[_Union[ServerTimings, _Mapping]] = ..., model_version: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class StreamRequest(_message.Message):
+    __slots__ = ("request", "timeout_ms")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    request: InferRequest
+    timeout_ms: int
+    def __init__(self, request: _Optional[_Union[InferRequest, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class ErrorStatus(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StreamResponse(_message.Message):
+    __slots__ = ("request_id", "response", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    response: InferResponse
+    error: ErrorStatus
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[InferResponse, _Mapping]] = ..., error: _Optional[_Union[ErrorStatus, _Mapping]] = ...) -> None: ...

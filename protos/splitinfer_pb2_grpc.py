@@ -39,6 +39,11 @@ class SplitInferenceStub:
                 request_serializer=splitinfer_dot_protos_dot_splitinfer__pb2.InferRequest.SerializeToString,
                 response_deserializer=splitinfer_dot_protos_dot_splitinfer__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.InferStream = channel.stream_stream(
+                '/splitinfer.v1.SplitInference/InferStream',
+                request_serializer=splitinfer_dot_protos_dot_splitinfer__pb2.StreamRequest.SerializeToString,
+                response_deserializer=splitinfer_dot_protos_dot_splitinfer__pb2.StreamResponse.FromString,
+                _registered_method=True)
 
 
 class SplitInferenceServicer:
@@ -53,6 +58,18 @@ class SplitInferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InferStream(self, request_iterator, context):
+        """Many requests over one call (video frames, batches of files). Answers come as each is ready,
+        not necessarily in order, matched by request_id; a failed request gets StreamResponse.error with
+        the code Infer would have answered, and the stream goes on. The server reads at most a window
+        of requests ahead of its answers (back-pressure through HTTP/2 flow control). The call itself
+        ends with a status only for what concerns the whole stream: UNAUTHENTICATED, a message that is
+        not a StreamRequest (INVALID_ARGUMENT), the call's deadline, the server stopping.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitInferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +77,11 @@ def add_SplitInferenceServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=splitinfer_dot_protos_dot_splitinfer__pb2.InferRequest.FromString,
                     response_serializer=splitinfer_dot_protos_dot_splitinfer__pb2.InferResponse.SerializeToString,
+            ),
+            'InferStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.InferStream,
+                    request_deserializer=splitinfer_dot_protos_dot_splitinfer__pb2.StreamRequest.FromString,
+                    response_serializer=splitinfer_dot_protos_dot_splitinfer__pb2.StreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +111,33 @@ class SplitInference:
             '/splitinfer.v1.SplitInference/Infer',
             splitinfer_dot_protos_dot_splitinfer__pb2.InferRequest.SerializeToString,
             splitinfer_dot_protos_dot_splitinfer__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitinfer.v1.SplitInference/InferStream',
+            splitinfer_dot_protos_dot_splitinfer__pb2.StreamRequest.SerializeToString,
+            splitinfer_dot_protos_dot_splitinfer__pb2.StreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

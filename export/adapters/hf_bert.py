@@ -6,6 +6,11 @@ Absolute position embeddings, post-norm layers, CLS first. The head is what the 
 pre_classifier + classifier); a bare encoder gives a sentence embedding, pooled as its
 sentence-transformers files say (``1_Pooling/config.json``: mean or CLS; ``modules.json`` with a
 Normalize module: L2-normalised), mean pooling by default. Padding is a key mask everywhere.
+
+A bare encoder given ``class_names`` becomes a classifier: a :class:`PooledClassifier` (LayerNorm
+and a linear layer over the mean of the real tokens, the pooling the encoder was trained for) as
+the final head, and the same kind of head as its exit head at any split. Both start untrained;
+``splitinfer.export.text_finetune`` trains them.
 """
 from __future__ import annotations
 
@@ -18,10 +23,27 @@ import torch.nn.functional as F
 
 from .base import SplittableModel, UnsupportedModelError, merge_heads, require, split_heads, weighted_attention, weighted_mean
 
-__all__ = ["HFEncoder", "load_hf_encoder", "SUPPORTED_MODEL_TYPES", "TOKENIZER_FILE"]
+__all__ = ["HFEncoder", "PooledClassifier", "load_hf_encoder", "tokenize", "SUPPORTED_MODEL_TYPES", "TOKENIZER_FILE"]
 
 SUPPORTED_MODEL_TYPES = ("bert", "distilbert")
 TOKENIZER_FILE = "tokenizer.json"
+
+
+class PooledClassifier(nn.Module):
+    """tokens (B, N, d), key_weights (B, N) or None -> logits (B, K): LayerNorm, the mean of the
+    real tokens, a linear layer. The final head of a bare encoder made a classifier, and its exit head."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, key_weights: torch.Tensor | None) -> torch.Tensor:
+        return self.proj(weighted_mean(self.norm(x), key_weights))
 
 
 class HFEncoder(SplittableModel):
@@ -29,12 +51,14 @@ class HFEncoder(SplittableModel):
 
     pooling: "mean" or "cls" (embedding models); normalize: L2-normalise the embedding.
     max_length: the longest input the edge sends (tokens, CLS and SEP included).
+    class_names: make a bare encoder a classifier over these classes (a new, untrained
+    :class:`PooledClassifier` head, ``class_head``); not for a folder that already has a classifier.
     """
 
     input_kind = "text"
 
     def __init__(self, model: nn.Module, pooling: str = "mean", normalize: bool = False,
-                 max_length: int = 128, folder: Path | None = None):
+                 max_length: int = 128, folder: Path | None = None, class_names: list[str] | None = None):
         super().__init__()
         config = getattr(model, "config", None)
         if config is None:
@@ -67,8 +91,17 @@ class HFEncoder(SplittableModel):
                          "sa_layer_norm", "ffn.lin1", "ffn.lin2", "output_layer_norm"):
                 require(self.layers[0], part, "DistilBERT layer part")
         self.classifier = getattr(model, "classifier", None)
-        self.task = "classification" if self.classifier is not None else "embedding"
-        if self.task == "classification":
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+        self.class_head = None
+        if self.class_names is not None:
+            if self.classifier is not None:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} already has a classifier; class_names is for a bare encoder")
+            if len(set(self.class_names)) != len(self.class_names):
+                raise ValueError(f"class_names must be unique, got {self.class_names}")
+            self.class_head = PooledClassifier(self.dim, len(self.class_names))
+        self.task = "classification" if self.classifier is not None or self.class_head is not None else "embedding"
+        if self.classifier is not None:
             if self.model_type == "bert":
                 require(self.encoder_model, "pooler.dense", "BERT pooler (the classifier reads it)")
             else:
@@ -90,11 +123,15 @@ class HFEncoder(SplittableModel):
 
     @property
     def output_dim(self) -> int:
+        if self.class_head is not None:
+            return len(self.class_names)
         return int(self.classifier.out_features) if self.task == "classification" else self.dim
 
     def classes(self) -> list[str]:
         if self.task == "embedding":
             return []
+        if self.class_names is not None:
+            return list(self.class_names)
         id2label = getattr(self.config, "id2label", None) or {}
         return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(self.output_dim)]
 
@@ -123,7 +160,13 @@ class HFEncoder(SplittableModel):
         z = layer.ffn.lin2(layer.ffn.activation(layer.ffn.lin1(y)))
         return layer.output_layer_norm(z + y), attn
 
+    def native_exit_head(self, split: int) -> nn.Module | None:
+        """A classifier made from a bare encoder exits with a head like its final one (mean pooled)."""
+        return PooledClassifier(self.dim, len(self.class_names)) if self.class_head is not None else None
+
     def head(self, x, key_weights):
+        if self.class_head is not None:
+            return self.class_head(x, key_weights)
         if self.task == "classification":
             cls = x[:, 0]
             if self.model_type == "bert":
@@ -184,9 +227,10 @@ def _sentence_transformers_pooling(folder: Path) -> tuple[str, bool, int | None]
     return pooling, normalize, max_len
 
 
-def load_hf_encoder(folder: Path, max_length: int | None = None) -> HFEncoder:
+def load_hf_encoder(folder: Path, max_length: int | None = None, class_names: list[str] | None = None) -> HFEncoder:
     """A local Hugging Face folder -> HFEncoder (eval mode). Needs ``config.json``, the weights and
-    ``tokenizer.json`` (the edge tokenizes with it). Never touches the network."""
+    ``tokenizer.json`` (the edge tokenizes with it). Never touches the network. class_names: make
+    a bare encoder a classifier (see :class:`HFEncoder`)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a Hugging Face model folder: config.json not found")
@@ -209,7 +253,10 @@ def load_hf_encoder(folder: Path, max_length: int | None = None) -> HFEncoder:
     pooling, normalize, st_max = _sentence_transformers_pooling(folder)
     limit = int(getattr(config, "max_position_embeddings", 512))
     max_length = max_length or min(st_max or limit, limit)
-    return HFEncoder(model, pooling=pooling, normalize=normalize, max_length=max_length, folder=folder).eval()
+    if class_names is not None and auto is not transformers.AutoModel:
+        raise UnsupportedModelError(f"{folder} is already a classifier ({arch}); class_names is for a bare encoder")
+    return HFEncoder(model, pooling=pooling, normalize=normalize, max_length=max_length, folder=folder,
+                     class_names=class_names).eval()
 
 
 def tokenize(tokenizer_file: Path, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

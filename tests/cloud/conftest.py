@@ -30,6 +30,11 @@ def random_tokens(manifest: Manifest, count: int, seed: int = 0) -> tuple[np.nda
     return tokens, positions
 
 
+def with_session(model, session):
+    """``model`` whose engine runs ``session`` (anything with ONNX Runtime's ``run(outputs, feeds)``)."""
+    return dataclasses.replace(model, engine=dataclasses.replace(model.engine, session=session))
+
+
 def copy_model(src: Path, dst: Path, variant: str | None = None, **manifest_changes: object) -> Path:
     """Copy a model folder and change top-level manifest fields (its deployment hash and version
     change with them). variant: make the copy another export of the same model (a slightly
@@ -121,8 +126,8 @@ class BlockingSession:
 def blocking_registry(tiny_registry: ModelRegistry) -> tuple[ModelRegistry, BlockingSession]:
     """The tiny model with a session that can be held mid-batch."""
     (model,) = list(tiny_registry)
-    session = BlockingSession(model.session)
-    return ModelRegistry([dataclasses.replace(model, session=session)]), session
+    session = BlockingSession(model.engine.session)
+    return ModelRegistry([with_session(model, session)]), session
 
 
 @dataclasses.dataclass(frozen=True)

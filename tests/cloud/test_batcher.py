@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from splitinfer.cloud import BatchConfig, ModelBatcher, decode_and_run, length_buckets, pad_tokens, run_batch
 from splitinfer.protos import CodecConfig, DeadlineExceeded, InvalidPacket, Overloaded, encode_tokens
 
-from .conftest import BlockingSession, random_tokens
+from .conftest import BlockingSession, random_tokens, with_session
 
 
 def _rows(manifest, counts) -> list[np.ndarray]:
@@ -65,8 +64,8 @@ def test_bad_batch_config(setting) -> None:
 
 def _blocked_model(tiny_registry):
     (model,) = list(tiny_registry)
-    session = BlockingSession(model.session)
-    return dataclasses.replace(model, session=session), session
+    session = BlockingSession(model.engine.session)
+    return with_session(model, session), session
 
 
 def test_requests_queued_behind_a_busy_model_form_one_batch(tiny_registry, tiny_manifest) -> None:

@@ -1,7 +1,6 @@
 """Operating the server: metrics over real HTTP, a bounded queue, reload without dropping calls, drain, logs."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import urllib.request
@@ -17,7 +16,7 @@ from splitinfer.cloud.logs import JsonFormatter, TextFormatter
 from splitinfer.protos.manifest import load_manifest
 from splitinfer.protos import sha256_file, splitinfer_pb2_grpc
 
-from .conftest import RPC_TIMEOUT_S, copy_model
+from .conftest import RPC_TIMEOUT_S, copy_model, with_session
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -97,7 +96,7 @@ def test_repository_versions_and_reload_without_dropping_in_flight(tiny_model_di
     source = ModelSource(repositories=[repository])
     _, session = blocking_registry
     (model,) = list(source.load())
-    registry = ModelRegistry([dataclasses.replace(model, session=session)])
+    registry = ModelRegistry([with_session(model, session)])
     server, port = create_server(registry, port=0, source=source)
     server.start()
     try:

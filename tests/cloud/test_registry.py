@@ -70,8 +70,8 @@ def test_tampered_server_half_is_a_manifest_error(tiny_model_dir: Path, tmp_path
 
 def test_thread_setting_reaches_the_session(tiny_model_dir: Path) -> None:
     model = load_model(tiny_model_dir, RuntimeConfig(intra_op_threads=2))
-    assert model.session.get_session_options().intra_op_num_threads == 2
-    assert model.session.get_providers() == ["CPUExecutionProvider"]
+    assert model.engine.session.get_session_options().intra_op_num_threads == 2
+    assert model.engine.session.get_providers() == ["CPUExecutionProvider"]
 
 
 @pytest.mark.parametrize("threads", [-1, 1.5, True])

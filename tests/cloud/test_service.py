@@ -1,13 +1,13 @@
 """run_request without gRPC: validation, decoding, the server half, softmax, timings."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 from splitinfer.cloud import MAX_REQUEST_ID_CHARS, ModelRegistry, run_request, softmax
 from splitinfer.protos import CodecConfig, InvalidPacket, ServerInternalError, decode_tokens
+
+from .conftest import with_session
 
 CONFIGS = [CodecConfig("fp32", "none"), CodecConfig("fp16", "zstd"), CodecConfig("int8", "zstd")]
 
@@ -31,7 +31,7 @@ def test_matches_the_server_half_run_directly(tiny_registry: ModelRegistry, tiny
     request = make_request(count=4, seed=7)
     model = tiny_registry.get(tiny_manifest.name, tiny_manifest.sha256)
     tokens, _ = decode_tokens(request.packet, model.packet_limits)
-    (logits,) = model.session.run(["logits"], {"tokens": tokens[None], "mask": np.ones((1, 4), bool)})
+    (logits,) = model.engine.session.run(["logits"], {"tokens": tokens[None], "mask": np.ones((1, 4), bool)})
     expected = np.exp(logits[0] - logits[0].max())
     expected /= expected.sum()
     np.testing.assert_allclose(run_request(tiny_registry, request).probabilities, expected, rtol=1e-5, atol=1e-7)
@@ -74,7 +74,7 @@ class _NanSession:
 
 def test_non_finite_logits_are_a_server_error(tiny_registry: ModelRegistry, tiny_manifest, make_request) -> None:
     model = tiny_registry.get(tiny_manifest.name, tiny_manifest.sha256)
-    broken = ModelRegistry([dataclasses.replace(model, session=_NanSession(model.num_classes))])
+    broken = ModelRegistry([with_session(model, _NanSession(model.num_classes))])
     with pytest.raises(ServerInternalError, match="non-finite logits"):
         run_request(broken, make_request())
 
