@@ -94,6 +94,7 @@ def policy_scores(data: dict, args) -> tuple[dict, dict]:
                                                train_deferral_head)
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # a small MLP: more threads only contend
     cal, test = data["calibration"][0], data["test"][0]
     temperature = fit_temperature(cal.exit_logits, cal.labels)
     scores = {name: {} for name in ("max_softmax", "margin", "entropy", "temperature")}

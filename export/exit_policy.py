@@ -160,11 +160,11 @@ def outcome_classes(exit_pred: np.ndarray, server_pred: np.ndarray, labels: np.n
 class HeadConfig:
     """Training of the deferral head. tokens: also read the hidden states (False: exit logits only)."""
 
-    hidden: int = 128
+    hidden: int = 64
     tokens: bool = True
-    epochs: int = 30
-    batch_size: int = 512
-    lr: float = 2e-3
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 3e-3
     weight_decay: float = 1e-3
     dropout: float = 0.1
     seed: int = 0
@@ -182,7 +182,7 @@ class DeferralHead(nn.Module):
     in [-1, 1]: p(offloading fixes the answer) - p(it breaks it). Export it inside device.onnx
     beside the exit head; a threshold on the score is the exit decision (offload when above)."""
 
-    def __init__(self, dim: int, num_classes: int, hidden: int = 128, tokens: bool = True, dropout: float = 0.1):
+    def __init__(self, dim: int, num_classes: int, hidden: int = 64, tokens: bool = True, dropout: float = 0.1):
         super().__init__()
         self.dim, self.num_classes, self.use_tokens = dim, num_classes, tokens
         n_features = self.feature_count(dim, num_classes)
