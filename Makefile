@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-all
+# The device and server roles without torch: what a Pi owner or an operator installs.
+EDGE_VENV  := .venv-edge
+EDGE_STAMP := $(EDGE_VENV)/.installed-edge
 
-.PHONY: demo test setup train protos clean emulate-aarch64
+.PHONY: demo test test-torch-free setup train protos clean emulate-aarch64 test-models
 
 setup: $(STAMP)
 
@@ -19,8 +22,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(EDGE_STAMP)
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-torch-free
+
+$(EDGE_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(EDGE_VENV)
+	$(EDGE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e ".[edge,cloud,text,dev]"
+	touch $(EDGE_STAMP)
+
+# tests/protos, tests/edge and tests/cloud in a venv without torch, from the committed model folders
+test-torch-free: $(EDGE_STAMP)
+	@$(EDGE_VENV)/bin/python -c "import importlib.util, sys; sys.exit('torch is installed in $(EDGE_VENV)' if importlib.util.find_spec('torch') else 0)"
+	$(EDGE_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/protos tests/edge tests/cloud
+
+# Rewrite tests/models (the committed tiny model folders) after a change to what export writes
+test-models: $(STAMP)
+	$(PY) scripts/make_test_models.py
 
 # Retrain the committed checkpoint: from scratch with four learned bottlenecks, then a fine-tune
 # (about 5 + 3 minutes on one GPU; many hours on a 2-core CPU).
@@ -39,4 +57,4 @@ emulate-aarch64: $(STAMP)
 	bash scripts/emulate_aarch64.sh
 
 clean:
-	rm -rf $(VENV) .venv-ort116 artifacts results .pytest_cache
+	rm -rf $(VENV) $(EDGE_VENV) .venv-ort116 artifacts results .pytest_cache

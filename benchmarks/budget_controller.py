@@ -269,14 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from splitinfer.edge.controller import Constraints, OperatingPoint, default_point
+    from splitinfer.edge.controller import Constraints
     from splitinfer.edge.energy import EnergyModel
     from splitinfer.export.data import make_split
     from splitinfer.protos import load_manifest
 
     t_start = time.perf_counter()
     manifest = load_manifest(args.model)
-    points = OperatingPoint.from_manifest(manifest)
+    points = list(manifest.operating_points)
     images, labels = make_split("test", n=args.n_test)
     log.info("%d operating points, %d test canvases", len(points), len(images))
     outcomes = precompute(manifest, points, images, labels)
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     statics = [summary(simulate(points, outcomes, draws, bw, rtt, energy, static=k), points) for k in range(len(points))]
     runs: dict[str, dict] = {}
     rows = []
-    unconstrained = simulate(points, outcomes, draws, bw, rtt, energy, v=args.v, default=default_point(manifest, points))
+    unconstrained = simulate(points, outcomes, draws, bw, rtt, energy, v=args.v, default=manifest.point())
     runs["unconstrained"] = unconstrained
     base = summary(unconstrained, points)
     rows.append({"run": "unconstrained", "limit": None, **base, "ratio": None, "best_static": None})

@@ -30,30 +30,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from splitinfer.export.data import make_split
-    from splitinfer.export.pipeline import ExportOptions, export_model
-    from splitinfer.export.preprocess import normalize
+    from splitinfer.export.adapters.vit import BuiltinViT
+    from splitinfer.export.datasets import load_dataset
+    from splitinfer.export.pipeline import ExportOptions, export_checkpoint
     from splitinfer.export.quantize import cpu_signature, evaluate_device_half, measure_latency
+    from splitinfer.export.train import load_checkpoint
     from splitinfer.protos import load_manifest
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model
         if folder is None:
             folder = Path(tmp) / "model"
-            export_model(CHECKPOINT, folder, ExportOptions(quantize="int8"))
+            export_checkpoint(CHECKPOINT, folder, ExportOptions(name="vit-cluttered-mnist", quantize="int8"))
         manifest = load_manifest(folder)
-        files = manifest.data["files"]
-        if "device_int8" not in files:
+        if "device_int8" not in manifest.files:
             print(f"{folder}: no INT8 device half; export with --quantize int8", file=sys.stderr)
             return 2
-        halves = {"float": manifest.device_path, "int8": folder / files["device_int8"]["path"]}
-        x, y = make_split("test", n=args.n_test)
-        images = normalize(x)
-        quality = {half: evaluate_device_half(path, manifest.server_path, images, y, manifest.exit_threshold,
-                                              manifest.selection_mass, manifest.selection_budget)
+        halves = {"float": manifest.device_path, "int8": manifest.path("device_int8")}
+        test = load_dataset("cluttered-mnist", "test", BuiltinViT(load_checkpoint(CHECKPOINT)[0]), n=args.n_test)
+        point = manifest.point().to_dict()
+        quality = {half: evaluate_device_half(path, manifest.server_path, test, manifest.task, point)
                    for half, path in halves.items()}
-        latency = measure_latency(halves, (1, *images.shape[1:]), runs=args.runs)
-        fmt = files["device_int8"]["quantization"]["format"]
+        latency = measure_latency(halves, test.numpy_rows(slice(0, 1)), runs=args.runs)
+        fmt = manifest.info["device_variants"]["quantization"]["format"]
+        images = test.inputs["image"]
 
     f, q = quality["float"], quality["int8"]
     report = {

@@ -332,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     deadline = started + args.max_total_s
 
     if not (args.model_dir / "manifest.json").is_file():
-        from splitinfer.export.pipeline import ExportOptions, export_model
+        from splitinfer.export.pipeline import export_checkpoint
 
-        export_model(ROOT / "checkpoints" / "vit-cluttered-mnist.pt", args.model_dir, ExportOptions())
+        export_checkpoint(ROOT / "checkpoints" / "vit-cluttered-mnist.pt", args.model_dir)
     snapshot = Path(tempfile.mkdtemp(prefix="server_load_"))  # the folder cannot change under a running server
     model_dir = Path(shutil.copytree(args.model_dir, snapshot / "model"))
     pruned, full, packet_stats = build_requests(model_dir, args.n_packets)

@@ -23,14 +23,14 @@ from splitinfer.protos import (
     load_manifest,
 )
 
+from splitinfer.protos import graphs
+
 __all__ = ["RuntimeConfig", "LoadedModel", "load_model", "ModelRegistry"]
 
 logger = logging.getLogger(__name__)
 
-_TOKENS_INPUT = "tokens"
-_MASK_INPUT = "mask"
-_LOGITS_OUTPUT = "logits"
-_OUTPUT_FOR_TASK = {"classification": _LOGITS_OUTPUT, "embedding": "embedding"}
+_TOKENS_INPUT, _MASK_INPUT = graphs.server_inputs()
+_OUTPUT_FOR_TASK = {task: graphs.server_output(task) for task in ("classification", "embedding")}
 
 
 @dataclass(frozen=True)
@@ -126,9 +126,7 @@ def load_model(folder: str | Path, config: RuntimeConfig = RuntimeConfig()) -> L
         )
     except Exception as exc:  # ORT raises its own exception types for unreadable or invalid graphs
         raise ManifestError(f"{manifest.server_path}: ONNX Runtime cannot load it: {exc}") from exc
-    task = manifest.data.get("task", "classification")
-    if task not in _OUTPUT_FOR_TASK:
-        raise ManifestError(f"{manifest.folder}: task must be one of {sorted(_OUTPUT_FOR_TASK)}, got {task!r}")
+    task = manifest.task
     _check_signature(session, manifest, task)
     model = LoadedModel(
         manifest=manifest,

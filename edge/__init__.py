@@ -14,6 +14,7 @@ __all__ = [
     "DeviceSession", "SessionOptions", "DeviceOutputs",
     "GrpcTransport", "Transport",
     "EdgeRunner", "EdgeResult", "OffloadPolicy",
+    "ImageFrontEnd", "TextFrontEnd", "TextTokenizer", "LocalTransport",
     "PreprocessSpec", "load_image",
     "select_tokens",
 ]
@@ -22,11 +23,14 @@ _WHERE = {
     "DeviceSession": "session", "SessionOptions": "session", "DeviceOutputs": "session",
     "GrpcTransport": "transport", "Transport": "transport",
     "EdgeRunner": "runner", "EdgeResult": "runner", "OffloadPolicy": "runner",
+    "ImageFrontEnd": "frontends", "TextFrontEnd": "frontends", "TextTokenizer": "frontends", "LocalTransport": "local",
     "PreprocessSpec": "preprocess", "load_image": "preprocess",
     "select_tokens": "selection",
 }
 
 if TYPE_CHECKING:
+    from .frontends import ImageFrontEnd, TextFrontEnd, TextTokenizer
+    from .local import LocalTransport
     from .preprocess import PreprocessSpec, load_image
     from .runner import EdgeResult, EdgeRunner, OffloadPolicy
     from .selection import select_tokens

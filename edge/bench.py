@@ -30,7 +30,7 @@ from splitinfer.protos.manifest import Manifest, load_manifest
 from .session import DEVICE_HALVES, DeviceSession, SessionOptions, available_halves, choose_device_half, \
     cpu_signature, device_half_path, zero_input
 
-__all__ = ["BenchSetting", "BenchRow", "bench_settings", "run_bench", "main"]
+__all__ = ["BenchSetting", "BenchRow", "bench_settings", "run_bench", "main", "run", "add_arguments"]
 
 PROG = "splitinfer-edge bench"
 
@@ -100,8 +100,7 @@ def format_table(rows: Sequence[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Device-half latency percentiles for the settings on this machine.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="model folder (manifest.json + device.onnx)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of the chosen setting (default 1)")
     p.add_argument("--spin", action="store_true", help="spinning on in the chosen setting")
@@ -109,12 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="half of the chosen setting (default auto, as splitinfer-edge would pick)")
     p.add_argument("--n", type=int, default=200, help="timed runs per setting (default 200)")
     p.add_argument("--only-chosen", action="store_true", help="time the chosen setting alone")
+    p.add_argument("--refresh-energy", action="store_true",
+                   help="measure the energy reference (device half and whole model, the same way) and cache it")
+    p.add_argument("--device-profile", default="pi4", help="power profile for the energy reference (default pi4)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Device-half latency percentiles for the settings on this machine.")
+    add_arguments(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if args.threads < 0 or args.n < 4:
         print(f"{PROG}: error: --threads must be >= 0 and --n >= 4", file=sys.stderr)
@@ -126,11 +136,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = BenchSetting(choice.half, args.threads, args.spin)
         settings = [chosen] if args.only_chosen else bench_settings(chosen, available_halves(manifest), os.cpu_count() or 1)
         rows = run_bench(manifest, settings, n=args.n)
+        energy = None
+        if args.refresh_energy:
+            from .energy import DeviceEnergyMeter, device_profile, reference_energy
+
+            session = DeviceSession(device_half_path(manifest, choice.half), options)
+            ref, _ = reference_energy(manifest, session.run, zero_input(session),
+                                      DeviceEnergyMeter(device_profile(args.device_profile)), half=choice.half,
+                                      refresh=True, repeats=max(50, args.n // 2))
+            energy = asdict(ref) | {"whole_model_mj": ref.whole_model_mj}
     except (SplitInferError, ValueError, OSError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     context = {"model": manifest.name, "device_half_choice": choice.half, "reason": choice.reason,
                "cpu": cpu_signature(), "cores": os.cpu_count(), "onnxruntime": ort.__version__, "runs": args.n}
+    if energy is not None:
+        context["energy_reference"] = energy
     if args.json:
         print(json.dumps({**context, "rows": [asdict(r) for r in rows]}, indent=2))
         return 0
@@ -138,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{context['cpu']['machine']} {context['cpu']['model']} ({context['cores']} cores)")
     print(f"chosen half: {choice.half} ({choice.reason})")
     print(format_table(rows))
+    if energy is not None:
+        print(f"energy reference (cached): device half {energy['device_half_mj']:.3f} mJ, whole model "
+              f"{energy['whole_model_mj']:.3f} mJ per input, median of {energy['repeats']} ({energy['method']})")
     return 0
 
 

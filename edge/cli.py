@@ -1,14 +1,15 @@
-"""``splitinfer-edge``: classify PNG files on the device, offloading unconfident ones to a server.
+"""``splitinfer-edge``: answer inputs on the device, offloading unconfident ones to a server.
 
-    splitinfer-edge --model DIR [--server HOST:PORT[,HOST:PORT...]] [--timeout-ms 1000] [--threads 1] [--spin]
-                    [--device-half auto|float|int8] [--threshold T] [--json] PATH...
-                    [--max-bytes B] [--max-latency-ms MS] [--max-energy-mj MJ] [--min-accuracy A]
-                    [--device-profile pi4|pi5|laptop|FILE] [--link wifi|lte|ethernet] [--energy-profile FILE]
-    splitinfer-edge bench --model DIR [--threads N] [--spin] [--n 200]     (see splitinfer.edge.bench)
+    splitinfer-edge classify --model DIR [--server HOST:PORT[,HOST:PORT...]] [options] PATH...
+    splitinfer-edge text     --model DIR [--server HOST:PORT | --local-server] [options] FILE...
+    splitinfer-edge bench    --model DIR [--threads N] [--spin] [--n 200] [--refresh-energy]
 
-PATHs are image files or directories (every *.png inside, sorted). One line per input on stdout
-(or one JSON object per line with --json), then a summary (on stderr with --json). Exit codes:
-0 all inputs classified, 1 some input could not be read, 2 bad arguments or model folder.
+classify: PATHs are image files (PNG, JPEG, WebP; gray or RGB, any size) or directories (every
+.png/.jpg/.jpeg/.webp inside, sorted). text: one input per line of each FILE ("-" reads stdin).
+One line per input on stdout (or one JSON object per line with --json), then a summary (on stderr
+with --json). Exit codes: 0 every input answered, 1 some input could not be read, 2 bad arguments
+or model folder, 3 (with --require-server) an offload failed because of a misconfiguration
+(wrong token, another model version on the server, a TLS handshake failure), not an outage.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import Callable, Iterable, Sequence, TextIO
 
 import numpy as np
 
@@ -25,28 +26,32 @@ from splitinfer.protos import DEFAULT_MAX_MESSAGE_BYTES
 from splitinfer.protos.errors import SplitInferError
 from splitinfer.protos.manifest import load_manifest
 
-from .controller import BudgetController, Constraints, OperatingPoint, default_point
-from .energy import DEVICE_PROFILES, LINK_PROFILES, EnergyModel, energy_label, full_model_mj
-from .energy import load_energy_file
-from .preprocess import load_image, preprocess
-from .runner import DECIDED_ON, EdgeResult, EdgeRunner
+from .controller import BudgetController, Constraints
+from .energy import DEVICE_PROFILES, LINK_PROFILES, EnergyModel, energy_label, load_energy_file, reference_energy
+from .preprocess import load_image
+from .runner import DECIDED_ON, FAILURES, EdgeResult, EdgeRunner
 from .session import DEVICE_HALVES, DeviceSession, SessionOptions
 from .transport import GrpcTransport
 
-__all__ = ["main", "build_parser", "classify_paths", "expand_paths"]
+__all__ = ["main", "build_parser", "classify_paths", "classify_texts", "expand_paths", "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
 PROG = "splitinfer-edge"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+EXIT_MISCONFIGURED = 3
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Classify images with the device half of a split model.")
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, type=Path, help="model folder (manifest.json + device.onnx)")
     p.add_argument("--server", metavar="HOST:PORT", type=_target, action="append",
                    help="offload unconfident inputs to this server; repeat or comma-separate to spread calls over "
                         "several (round robin, UNAVAILABLE retried on another); without it every input is decided "
                         "on the device")
+    p.add_argument("--local-server", action="store_true",
+                   help="run the server half (server.onnx in the model folder) on this machine instead of a server")
+    p.add_argument("--require-server", action="store_true",
+                   help="exit 3 when an offload failed because of a misconfiguration (not an outage)")
     p.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signs the server certificate; turns on TLS")
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate, for mutual TLS (with --tls-key)")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key, for mutual TLS")
@@ -64,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default auto; float when the folder has no INT8 half)")
     p.add_argument("--threshold", type=_non_negative_float,
                    help="exit threshold (default: the manifest's; 0 = always device, above 1 = always offload)")
-    p.add_argument("--budget", type=_positive_int, help="most patches sent per request (default: the manifest's)")
-    p.add_argument("--mass", type=_mass, help="share of importance the sent patches cover (default: the manifest's)")
+    p.add_argument("--budget", type=_positive_int, help="most tokens sent per request (default: the manifest's)")
+    p.add_argument("--mass", type=_mass, help="share of importance the sent tokens cover (default: the manifest's)")
     budget = p.add_argument_group("budget (long-run means per request; picks an operating point per request)")
     budget.add_argument("--max-bytes", type=_positive_float, help="mean request bytes")
     budget.add_argument("--max-latency-ms", type=_positive_float, help="mean latency, ms")
@@ -77,36 +82,55 @@ def build_parser() -> argparse.ArgumentParser:
     energy.add_argument("--link", default="wifi", choices=LINK_PROFILES, help="network to the server (default wifi)")
     energy.add_argument("--energy-profile", type=Path, metavar="FILE",
                         help="JSON with device / link / server sections overriding the named profiles")
+    energy.add_argument("--no-energy-label", action="store_true",
+                        help="skip the energy label (it is measured once per model and device, then cached)")
     p.add_argument("--json", action="store_true", help="one JSON object per input on stdout; summary on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log each degraded request and other details")
-    p.add_argument("paths", nargs="+", metavar="PATH", type=Path, help="PNG files or directories of PNG files")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Answer inputs with the device half of a split model.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True, metavar="{classify,text,bench}")
+    c = sub.add_parser("classify", help="images (PNG, JPEG, WebP; files or directories)")
+    _common(c)
+    c.add_argument("paths", nargs="+", metavar="PATH", type=Path, help="image files or directories of images")
+    t = sub.add_parser("text", help="texts, one per line of each file ('-' reads stdin)")
+    _common(t)
+    t.add_argument("files", nargs="+", metavar="FILE", help="text files, one input per line; - for stdin")
+    from .bench import add_arguments
+
+    b = sub.add_parser("bench", help="device-half latency per setting, and the energy reference")
+    add_arguments(b)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # a file named "bench" is still reachable as ./bench
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv[:1] == ["text"]:  # text models: one input per line of each file
-        from .text import main as text_main
-
-        return text_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from .bench import run
+
+        return run(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.server and args.local_server:
+        print(f"{PROG}: error: --server and --local-server exclude each other", file=sys.stderr)
+        return 2
     transport = None
-    if args.server:
-        try:
-            transport = GrpcTransport(args.server, timeout_s=args.timeout_ms / 1e3,
-                                      max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, **_security(args))
-        except (ValueError, OSError) as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return 2
     try:
         try:
-            manifest = load_manifest(args.model, need=("device",))
+            manifest = load_manifest(args.model, need=("device", "server") if args.local_server else ("device",))
+            kind = "image" if args.command == "classify" else "text"
+            if manifest.input.kind != kind:
+                other = "classify" if manifest.input.kind == "image" else "text"
+                raise ValueError(f"{manifest.name} reads {manifest.input.kind}: use '{PROG} {other}'")
+            if args.server:
+                transport = GrpcTransport(args.server, timeout_s=args.timeout_ms / 1e3,
+                                          max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES, **_security(args))
+            elif args.local_server:
+                from .local import LocalTransport
+
+                transport = LocalTransport(manifest)
             options = SessionOptions(intra_op_threads=args.threads, allow_spinning=args.spin)
             session = DeviceSession.from_manifest(manifest, options, device_half=args.device_half)
             logger.info("device half: %s (%s)", session.choice.half, session.choice.reason)
@@ -116,47 +140,79 @@ def main(argv: Sequence[str] | None = None) -> int:
             controller = _controller(args, manifest, energy)
             runner = EdgeRunner(session, transport, manifest, exit_threshold=args.threshold, mass=args.mass,
                                 budget=args.budget, energy=energy, controller=controller)
-        except (SplitInferError, ValueError, OSError) as exc:
-            print(f"{PROG}: error: cannot load model from {args.model}: {exc}", file=sys.stderr)
+        except (SplitInferError, ValueError, OSError, ImportError) as exc:
+            print(f"{PROG}: error: cannot use the model in {args.model}: {exc}", file=sys.stderr)
             return 2
-        return classify_paths(runner, args.paths, as_json=args.json)
+        stats = _Stats(runner, label=not args.no_energy_label)
+        if args.command == "classify":
+            status = classify_paths(runner, args.paths, as_json=args.json, stats=stats)
+        else:
+            status = classify_texts(runner, args.files, as_json=args.json, stats=stats)
+        if args.require_server and stats.failures["misconfiguration"]:
+            print(f"{PROG}: error: {stats.failures['misconfiguration']} offload(s) failed because of a "
+                  f"misconfiguration: {stats.first_error['misconfiguration']}", file=sys.stderr)
+            return EXIT_MISCONFIGURED
+        return status
     finally:
         if transport is not None:
             transport.close()
 
 
-def classify_paths(runner: EdgeRunner, paths: Sequence[Path], as_json: bool = False) -> int:
-    """Classify every input, one line (or JSON object) each, then the summary; 1 if any input failed."""
-    stats = _Stats()
-    stats.runner = runner
-    for path, problem in expand_paths(paths):
+def classify_paths(runner: EdgeRunner, paths: Sequence[Path], as_json: bool = False,
+                   stats: "_Stats | None" = None) -> int:
+    """Classify every image, one line (or JSON object) each, then the summary; 1 if any input failed."""
+    inputs = ((str(path), problem, (lambda path=path: load_image(path))) for path, problem in expand_paths(paths))
+    return _answer_all(runner, inputs, as_json, stats or _Stats(runner))
+
+
+def classify_texts(runner: EdgeRunner, files: Sequence[str], as_json: bool = False,
+                   stats: "_Stats | None" = None) -> int:
+    """Answer every non-empty line of each file ("-": stdin), then the summary."""
+    def inputs():
+        for name in files:
+            try:
+                lines = sys.stdin.read().splitlines() if name == "-" else \
+                    Path(name).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                yield name, f"{name}: cannot read ({exc})", None
+                continue
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield f"{name}:{number}", None, (lambda text=line.strip(): text)
+    return _answer_all(runner, inputs(), as_json, stats or _Stats(runner))
+
+
+def _answer_all(runner: EdgeRunner, inputs: Iterable[tuple[str, str | None, Callable | None]], as_json: bool,
+                stats: "_Stats") -> int:
+    for where, problem, load in inputs:
         if problem is not None:
             stats.failed += 1
-            _emit_error(path, problem, as_json)
+            _emit_error(where, problem, as_json)
             continue
         try:
-            image = load_image(path)
-            result = runner.classify(image)
-            if stats.first_image is None:
-                stats.first_image = image
+            raw = load()
+            result = runner.run(raw)
+            if stats.first_input is None:
+                stats.first_input = raw
         except (SplitInferError, ValueError) as exc:
             stats.failed += 1
-            _emit_error(path, str(exc), as_json)
+            _emit_error(where, str(exc), as_json)
             continue
         stats.add(result)
-        _emit_result(path, result, as_json)
+        _emit_result(where, result, as_json)
     stats.write(sys.stderr if as_json else sys.stdout)
     return 1 if stats.failed else 0
 
 
 def expand_paths(paths: Sequence[Path]) -> list[tuple[Path, str | None]]:
-    """Files as given; directories -> their *.png files, sorted. Each entry: (path, problem or None)."""
+    """Files as given; directories -> their image files (.png, .jpg, .jpeg, .webp), sorted.
+    Each entry: (path, problem or None)."""
     out: list[tuple[Path, str | None]] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not found:
-                out.append((path, f"{path}: no .png files in this directory"))
+                out.append((path, f"{path}: no {'/'.join(IMAGE_SUFFIXES)} files in this directory"))
             out.extend((p, None) for p in found)
         elif path.exists():
             out.append((path, None))
@@ -165,52 +221,79 @@ def expand_paths(paths: Sequence[Path]) -> list[tuple[Path, str | None]]:
     return out
 
 
-def _emit_result(path: Path, result: EdgeResult, as_json: bool) -> None:
+def _emit_result(where: str, result: EdgeResult, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"file": str(path), **result.to_dict()}), flush=True)
+        out = result.to_dict()
+        if result.energy is not None:
+            out["energy"] = {k: v for k, v in out["energy"].items()}
+        print(json.dumps({"input": where, **out}), flush=True)
         return
-    line = (f"{path}  label={result.class_name}  confidence={result.confidence:.3f}  "
-            f"decided_on={result.decided_on}  bytes={result.bytes_sent}  latency_ms={result.latency_ms:.2f}")
+    answer = (f"label={result.class_name}  confidence={result.confidence:.3f}" if result.embedding is None
+              else f"embedding[{len(result.embedding)}]")
+    line = (f"{where}  {answer}  decided_on={result.decided_on}  bytes={result.bytes_sent}  "
+            f"latency_ms={result.latency_ms:.2f}")
     if result.error:
-        line += f"  error={result.error}"
+        line += f"  failure={result.failure}  error={result.error}"
     print(line, flush=True)
 
 
-def _emit_error(path: Path, message: str, as_json: bool) -> None:
+def _emit_error(where: str, message: str, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"file": str(path), "error": message}), flush=True)
+        print(json.dumps({"input": where, "error": message}), flush=True)
     else:
-        print(f"{path}  error={message}", flush=True)
+        print(f"{where}  error={message}", flush=True)
 
 
 class _Stats:
     """Running totals for the end-of-run summary."""
 
-    def __init__(self) -> None:
+    def __init__(self, runner: EdgeRunner, label: bool = True) -> None:
+        self.runner = runner
+        self.label = label
         self.failed = 0
         self.decided = {name: 0 for name in DECIDED_ON}
+        self.failures = {name: 0 for name in FAILURES}
+        self.first_error: dict[str, str] = {}
         self.request_bytes: list[int] = []
         self.latencies_ms: list[float] = []
         self.energies = []
-        self.runner: EdgeRunner | None = None
-        self.first_image = None
+        self.first_input = None
 
     def add(self, result: EdgeResult) -> None:
         self.decided[result.decided_on] += 1
         self.latencies_ms.append(result.latency_ms)
+        if result.failure is not None:
+            self.failures[result.failure] += 1
+            self.first_error.setdefault(result.failure, result.error or "")
         if result.energy is not None:
             self.energies.append(result.energy)
         if result.decided_on != "device":
             self.request_bytes.append(result.bytes_sent)
 
+    def summary(self) -> dict:
+        n = len(self.latencies_ms)
+        out = {"answered": n, "failed_inputs": self.failed, "decided_on": dict(self.decided),
+               "offload_failures": dict(self.failures)}
+        if n:
+            lat = np.asarray(self.latencies_ms)
+            out.update(mean_bytes_per_request=sum(self.request_bytes) / n,
+                       latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p90=float(np.percentile(lat, 90)))
+        return out
+
     def write(self, out: TextIO) -> None:
         n = len(self.latencies_ms)
-        head = f"summary: {n} classified" + (f", {self.failed} failed" if self.failed else "")
+        head = f"summary: {n} answered" + (f", {self.failed} failed" if self.failed else "")
         print(head, file=out)
         if n == 0:
             return
         shares = ", ".join(f"{name} {count} ({100 * count / n:.1f}%)" for name, count in self.decided.items())
         print(f"  decided on: {shares}", file=out)
+        if any(self.failures.values()):
+            print("  offload failures: " + ", ".join(f"{k} {v}" for k, v in self.failures.items() if v), file=out)
+            if self.failures["misconfiguration"]:
+                print(f"  misconfiguration (retrying will not help): {self.first_error['misconfiguration']}", file=out)
+            if self.failures["outage"]:
+                print(f"  outage (answered on the device meanwhile): {self.first_error['outage']}", file=out)
         if self.request_bytes:
             print(f"  bytes: {np.mean(self.request_bytes):.0f} mean per request ({len(self.request_bytes)} requests), "
                   f"{sum(self.request_bytes) / n:.0f} mean per input", file=out)
@@ -223,22 +306,29 @@ class _Stats:
 
     def _write_energy(self, out: TextIO) -> None:
         """Mean energy per request and its label against the whole model on this device."""
-        if not self.energies or self.runner is None or self.runner.energy is None:
+        runner = self.runner
+        if not self.energies or runner.energy is None:
             return
         mean = {k: float(np.mean([getattr(e, k) for e in self.energies]))
                 for k in ("device_mj", "radio_mj", "server_mj", "total_mj")}
-        model = self.runner.energy
-        line = (f"  energy: {mean['total_mj']:.3f} mJ mean per request (device {mean['device_mj']:.3f}, "
-                f"radio {mean['radio_mj']:.3f}, server {mean['server_mj']:.3f}; {self.energies[0].method}, "
-                f"{model.device.name}, {model.link.name})")
-        if self.first_image is not None:
-            x = preprocess(self.first_image, self.runner.manifest.preprocessing)
-            reference, how = full_model_mj(self.runner.manifest, self.runner.session.run, x, self.runner.meter)
-            if reference > 0:
-                ratio = mean["total_mj"] / reference
-                line += (f"\n  energy label: {energy_label(ratio)} ({ratio:.2f} x the whole model on this device, "
-                         f"{reference:.3f} mJ, {how})")
-        print(line, file=out)
+        model = runner.energy
+        print(f"  energy: {mean['total_mj']:.3f} mJ mean per request (device {mean['device_mj']:.3f}, "
+              f"radio {mean['radio_mj']:.3f}, server {mean['server_mj']:.3f}; {self.energies[0].method}, "
+              f"{model.device.name}, {model.link.name})", file=out)
+        if not self.label or self.first_input is None or "server" not in runner.manifest.files:
+            return
+        try:
+            inputs = runner.front_end(self.first_input)
+            half = getattr(getattr(runner.session, "choice", None), "half", "float")
+            ref, how = reference_energy(runner.manifest, runner.session.run, inputs, runner.meter, half=half)
+        except (SplitInferError, ValueError, OSError) as exc:
+            print(f"  energy label: not measured ({exc})", file=out)
+            return
+        n = len(self.energies)
+        ratio = ref.ratio(n, sum(e.radio_mj for e in self.energies), sum(e.server_mj for e in self.energies), n)
+        print(f"  energy label: {energy_label(ratio)} ({ratio:.2f} x the whole model on this device: "
+              f"device half {ref.device_half_mj:.3f} mJ, whole model {ref.whole_model_mj:.3f} mJ, "
+              f"median of {ref.repeats}, {how})", file=out)
 
 
 def _security(args: argparse.Namespace) -> dict:
@@ -269,8 +359,7 @@ def _controller(args: argparse.Namespace, manifest, energy: EnergyModel) -> Budg
                               max_energy_mj=args.max_energy_mj, min_accuracy=args.min_accuracy)
     if not constraints:
         return None
-    points = OperatingPoint.from_manifest(manifest)
-    return BudgetController(points, constraints, default=default_point(manifest, points), energy=energy)
+    return BudgetController.from_manifest(manifest, constraints, energy=energy)
 
 
 def _target(text: str) -> str:

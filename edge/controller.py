@@ -52,140 +52,23 @@ With no constraint it returns the manifest's default point.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from splitinfer.protos.codec import ENCODINGS as CODEC_ENCODINGS
-from splitinfer.protos.codec import CodecConfig
-from splitinfer.protos.errors import ManifestError
+from splitinfer.protos.points import OperatingPoint
 
-__all__ = ["ENCODINGS", "OperatingPoint", "Constraints", "RequestCost", "LinkEstimate", "LinkMonitor",
-           "BudgetController", "default_point", "pareto_front"]
+__all__ = ["Constraints", "RequestCost", "LinkEstimate", "LinkMonitor", "BudgetController"]
 
-ENCODINGS = ("fp32", "fp16", "int8", "int4")
 CONSTRAINTS = ("max_bytes", "max_latency_ms", "max_energy_mj", "min_accuracy")
 OFFLOAD_PRIOR = 20  # the table's bytes per offload counts as this many observed offloads
 MAX_Y = 1e9  # cap on a normalised cost (an offload at zero bandwidth)
 
 
-@dataclass(frozen=True)
-class OperatingPoint:
-    """One row of the manifest's operating-point table.
-
-    threshold: exit threshold on the exit head's max softmax (0 always exits, > 1 never does).
-    mass, budget: token selection (see :mod:`splitinfer.edge.selection`). encoding, group_size: the
-    codec (group_size 0 = one scale per token). Measured on the calibration split: accuracy and
-    exit_rate in [0, 1]; mean_bytes_per_request over all inputs, mean_bytes_per_offload and
-    mean_tokens_per_offload over offloaded ones; device_ms and server_ms per request.
-    """
-
-    id: str
-    threshold: float
-    mass: float
-    budget: int
-    encoding: str
-    accuracy: float
-    exit_rate: float
-    mean_bytes_per_request: float
-    mean_bytes_per_offload: float
-    group_size: int = 0
-    mean_tokens_per_offload: float = 0.0
-    device_ms: float = 0.0
-    server_ms: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not self.id:
-            raise ValueError(f"id must be a non-empty string, got {self.id!r}")
-        if not self.threshold >= 0.0:
-            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
-        if not 0.0 < self.mass <= 1.0:
-            raise ValueError(f"mass must be in (0, 1], got {self.mass}")
-        for name in ("budget", "group_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "budget" else 0):
-                raise ValueError(f"{name} must be an integer >= {1 if name == 'budget' else 0}, got {value!r}")
-        if self.encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {ENCODINGS}, got {self.encoding!r}")
-        for name in ("accuracy", "exit_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        for name in ("mean_bytes_per_request", "mean_bytes_per_offload", "mean_tokens_per_offload",
-                     "device_ms", "server_ms"):
-            value = getattr(self, name)
-            if not (value >= 0.0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be finite and >= 0, got {value}")
-
-    @property
-    def offload_rate(self) -> float:
-        return 1.0 - self.exit_rate
-
-    def codec(self, base: CodecConfig = CodecConfig()) -> CodecConfig:
-        """``base`` (the manifest's compression and scale storage) with this point's encoding and group
-        size; an encoding this codec version lacks falls back to int8 (the server decodes whatever
-        the packet declares)."""
-        encoding = self.encoding if self.encoding in CODEC_ENCODINGS else "int8"
-        try:
-            return dataclasses.replace(base, encoding=encoding, group_size=self.group_size)
-        except TypeError:  # a codec without group scales
-            return dataclasses.replace(base, encoding=encoding)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "OperatingPoint":
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        for key in ("budget", "group_size"):
-            if isinstance(values.get(key), float) and values[key].is_integer():
-                values[key] = int(values[key])
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_manifest(cls, manifest) -> list["OperatingPoint"]:
-        """The manifest's ``operating_points`` (cheapest first), or ManifestError if absent or malformed."""
-        rows = manifest.data.get("operating_points")
-        if not isinstance(rows, list) or not rows:
-            raise ManifestError("manifest.json has no operating_points table: export the model again")
-        try:
-            points = [cls.from_dict(row) for row in rows]
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise ManifestError(f"manifest.json: bad operating point: {exc}") from exc
-        ids = [p.id for p in points]
-        if len(set(ids)) != len(ids):
-            raise ManifestError(f"manifest.json: operating point ids are not unique: {ids}")
-        return points
-
-
-def default_point(manifest, points: Sequence[OperatingPoint]) -> OperatingPoint:
-    """The manifest's ``default_operating_point`` (the first point if it names none)."""
-    wanted = manifest.data.get("default_operating_point")
-    if wanted is None:
-        return points[0]
-    for point in points:
-        if point.id == wanted:
-            return point
-    raise ManifestError(f"manifest.json: default_operating_point {wanted!r} is not in the table")
-
-
 def _bytes_per_offload(point: OperatingPoint) -> float:
-    if point.mean_bytes_per_offload > 0:
-        return point.mean_bytes_per_offload
-    return point.mean_bytes_per_request / point.offload_rate if point.offload_rate > 0 else 0.0
-
-
-def pareto_front(points: Sequence[OperatingPoint]) -> list[OperatingPoint]:
-    """Points no other point beats on both accuracy (higher) and mean bytes (lower), cheapest first."""
-    ordered = sorted(points, key=lambda p: (p.mean_bytes_per_request, -p.accuracy, p.id))
-    front: list[OperatingPoint] = []
-    for point in ordered:
-        if not front or point.accuracy > front[-1].accuracy:
-            front.append(point)
-    return front
+    return point.bytes_per_offload
 
 
 @dataclass(frozen=True)
@@ -308,6 +191,11 @@ class BudgetController:
     queues at the place-holder backlog (else at 0).
     """
 
+    @classmethod
+    def from_manifest(cls, manifest, constraints: Constraints, energy=None, **kwargs) -> "BudgetController":
+        """A controller over the manifest's operating points, its default point as the default."""
+        return cls(manifest.operating_points, constraints, default=manifest.point(), energy=energy, **kwargs)
+
     def __init__(self, points: Sequence[OperatingPoint], constraints: Constraints = Constraints(),
                  default: OperatingPoint | None = None, energy=None, v: float = 100.0,
                  link: LinkMonitor | None = None, credit: float = 100.0, rebalance_every: int = 256,
@@ -319,6 +207,10 @@ class BudgetController:
             raise ValueError(f"v must be a finite number > 0, got {v!r}")
         if constraints.max_energy_mj is not None and energy is None:
             raise ValueError("max_energy_mj needs an energy model")
+        best = max(p.accuracy for p in points)
+        if constraints.min_accuracy is not None and constraints.min_accuracy > best:
+            raise ValueError(f"min_accuracy {constraints.min_accuracy} is above every operating point "
+                             f"(the most accurate measured {best:.4f})")
         self.points = list(points)
         self.constraints = constraints
         self.default = default if default is not None else max(self.points, key=lambda p: (p.accuracy, -p.mean_bytes_per_request))

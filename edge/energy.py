@@ -22,19 +22,24 @@ device: see :data:`LABEL_BANDS`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import Callable, Mapping
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "PROFILE_DIR", "RAPL_ENERGY_PATH", "LABEL_BANDS", "DEVICE_PROFILES", "LINK_PROFILES", "SERVER_PROFILES",
     "DeviceProfile", "LinkProfile", "ServerProfile", "EnergyEstimate", "EnergyModel", "DeviceEnergyMeter",
     "load_profiles", "device_profile", "link_profile", "server_profile", "load_energy_file", "energy_label",
-    "median_mj",
+    "median_mj", "EnergyReference", "measure_reference", "reference_energy", "default_cache_path",
 ]
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
@@ -328,30 +333,98 @@ def median_mj(work: Callable[[], object], meter: DeviceEnergyMeter, repeats: int
     return samples[mid] if len(samples) % 2 else 0.5 * (samples[mid - 1] + samples[mid])
 
 
-def full_model_mj(manifest, device_run: Callable[[object], object], x, meter: DeviceEnergyMeter,
-                  repeats: int = 20) -> tuple[float, str]:
-    """Device energy of the whole model on one input, the label's reference: (mJ, how).
+@dataclass(frozen=True)
+class EnergyReference:
+    """Device energy of the device half and of the whole model on this device, measured the same
+    way: the device half, then the server half on every token of the same input, interleaved run
+    by run, median of ``repeats`` each. whole_model_mj = device_half_mj + server_half_mj, so an
+    input answered on the device is never dearer than the whole model run here."""
 
-    With the server half in the model folder: the device half then the server half on every token,
-    both in ONNX Runtime on this machine, median of ``repeats`` (how = "measured"). Without it: the
-    device half's energy scaled by depth / split from the manifest's architecture (how =
-    "scaled by depth"). device_run: x float32 (1, C, H, W) -> (exit_logits, tokens, importance).
-    """
-    server_path = manifest.folder / manifest.data.get("files", {}).get("server", {}).get("path", "server.onnx")
-    if server_path.is_file():
-        import numpy as np
-        import onnxruntime as ort
+    device_half_mj: float
+    server_half_mj: float
+    repeats: int
+    method: str
+    measured_at: float = 0.0
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-        server = ort.InferenceSession(str(server_path), opts, providers=["CPUExecutionProvider"])
+    @property
+    def whole_model_mj(self) -> float:
+        return self.device_half_mj + self.server_half_mj
 
-        def whole() -> None:
-            tokens = device_run(x)[1]
-            server.run(None, {"tokens": tokens, "mask": np.ones(tokens.shape[:2], dtype=bool)})
+    def ratio(self, device_requests: int, radio_mj: float, server_mj: float, requests: int) -> float:
+        """Mean energy per request over the whole model on the device: each request costs the
+        device half (the same measurement), plus its radio and server energy (sums given)."""
+        if requests <= 0 or self.whole_model_mj <= 0:
+            return float("nan")
+        return (requests * self.device_half_mj + radio_mj + server_mj) / (requests * self.whole_model_mj)
 
-        return median_mj(whole, meter, repeats), "measured"
-    arch = manifest.data.get("architecture", {})
-    depth, split = arch.get("depth"), arch.get("split")
-    factor = depth / split if isinstance(depth, int) and isinstance(split, int) and split > 0 else 1.0
-    return median_mj(lambda: device_run(x), meter, repeats) * factor, "scaled by depth"
+
+def measure_reference(manifest, device_run: Callable[[dict], object], inputs: dict, meter: DeviceEnergyMeter,
+                      repeats: int = 50, warmup: int = 5) -> EnergyReference:
+    """Measure :class:`EnergyReference` on ``inputs`` (device inputs of one real input)."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from splitinfer.protos import graphs
+
+    if repeats < 5:
+        raise ValueError(f"repeats must be >= 5, got {repeats}")
+    manifest.verify(("server",))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    server = ort.InferenceSession(str(manifest.server_path), opts, providers=["CPUExecutionProvider"])
+    tokens = device_run(inputs)[1]
+    feed = {graphs.TOKENS: tokens, graphs.MASK: np.ones(tokens.shape[:2], dtype=bool)}
+    device, rest = [], []
+    for i in range(warmup + repeats):
+        before = meter.read()
+        device_run(inputs)
+        middle = meter.read()
+        server.run(None, feed)
+        after = meter.read()
+        if i >= warmup:
+            device.append(meter.mj_between(before, middle))
+            rest.append(meter.mj_between(middle, after))
+    return EnergyReference(float(np.median(device)), float(np.median(rest)), repeats, meter.method, time.time())
+
+
+def reference_energy(manifest, device_run: Callable[[dict], object], inputs: dict, meter: DeviceEnergyMeter,
+                     half: str = "float", cache: str | PathLike | None = None, refresh: bool = False,
+                     repeats: int = 50) -> tuple[EnergyReference, str]:
+    """The energy reference of this model on this device: read from the cache (one entry per model
+    version, device half, CPU and meter), else measured once and stored. Returns (reference, how):
+    how is "cached" or "measured". ``splitinfer-edge bench`` refreshes it."""
+    from splitinfer.protos.manifest import cpu_signature
+
+    path = Path(cache) if cache is not None else default_cache_path()
+    cpu = cpu_signature()
+    key = f"{manifest.name}:{manifest.version}:{half}:{cpu['machine']}:{cpu['model']}:{meter.method}:{meter.profile.name}"
+    entries: dict = {}
+    if path.is_file():
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            entries = {}
+    if not refresh and isinstance(entries.get(key), dict):
+        try:
+            return EnergyReference(**entries[key]), "cached"
+        except TypeError:
+            pass
+    ref = measure_reference(manifest, device_run, inputs, meter, repeats=repeats)
+    entries[key] = dataclasses.asdict(ref)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as exc:  # a read-only home still gets its label, measured every time
+        logger.warning("cannot cache the energy reference in %s: %s", path, exc)
+    return ref, "measured"
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("SPLITINFER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "splitinfer")
+    return Path(base) / "energy.json"

@@ -1,16 +1,20 @@
-"""The edge's decision loop: run the device half, answer locally when confident, else offload.
+"""The edge's decision loop, one for every model: run the device half, answer locally when
+confident, else offload.
 
-For one image::
+For one input (an image or a text, through the model's front end)::
 
-    preprocess -> device half -> softmax(exit_logits)
-      max prob >= threshold          -> answer on the device, 0 bytes          [decided_on="device"]
-      else select tokens (CLS + the patches covering ``mass`` of the importance, at most ``budget``)
-           -> encode (int8 / fp16 / fp32, zstd) -> InferRequest -> transport   [decided_on="server"]
-      the transport fails in any way -> the exit head's answer, error recorded [decided_on="degraded"]
+    front end -> device half -> exit head
+      classifier and max prob >= threshold -> answer on the device, 0 bytes      [decided_on="device"]
+      else select tokens (CLS + the tokens covering ``mass`` of the importance, at most ``budget``)
+           -> encode (int4 / int8 / fp16 / fp32, zstd with the model's dictionary) -> InferRequest
+           -> transport                                                            [decided_on="server"]
+      the transport fails in any way -> the exit head's answer, error recorded     [decided_on="degraded"]
 
-The edge always answers. With no transport every input is decided on the device.
+The edge always answers; ``EdgeResult.failure`` tells an outage (the server cannot be reached or
+is too slow) from a misconfiguration (wrong token, another model version, a TLS handshake that
+fails: retrying will not help). With no transport every input is decided on the device.
 
-An operating point (:class:`~splitinfer.edge.controller.OperatingPoint`: threshold, selection and
+An operating point (:class:`~splitinfer.protos.points.OperatingPoint`: threshold, selection and
 codec) can be given per request; with a :class:`~splitinfer.edge.controller.BudgetController` the
 runner asks it for the point before each request and reports what the request cost afterwards.
 With an :class:`~splitinfer.edge.energy.EnergyModel` every result carries an energy estimate.
@@ -28,28 +32,46 @@ import numpy as np
 
 from splitinfer.protos import splitinfer_pb2 as pb
 from splitinfer.protos.codec import CodecConfig, encode_tokens, load_dictionary
-from splitinfer.protos.errors import ManifestError, ServerInternalError
+from splitinfer.protos.errors import (DeadlineExceeded, ManifestError, ManifestMismatch, ModelNotFound, Overloaded,
+                                      ServerInternalError, ServerUnavailable, Unauthenticated)
 from splitinfer.protos.manifest import Manifest
 
 from .energy import DeviceEnergyMeter, EnergyEstimate, EnergyModel
-from .preprocess import PreprocessSpec, preprocess
+from .frontends import FrontEnd, front_end_for
 from .selection import select_tokens
 from .transport import Transport
 
 if TYPE_CHECKING:
-    from .controller import BudgetController, OperatingPoint
+    from splitinfer.protos.points import OperatingPoint
 
-__all__ = ["DECIDED_ON", "OffloadPolicy", "EdgeResult", "EdgeRunner", "codec_from_manifest", "softmax"]
+    from .controller import BudgetController
+
+__all__ = ["DECIDED_ON", "FAILURES", "OffloadPolicy", "EdgeResult", "EdgeRunner", "classify_failure", "softmax"]
 
 logger = logging.getLogger(__name__)
 
 DECIDED_ON = ("device", "server", "degraded")
+FAILURES = ("outage", "misconfiguration", "server_error")
+_TLS_WORDS = ("handshake", "ssl", "certificate", "tls")
+
+
+def classify_failure(exc: BaseException) -> str:
+    """What an offload failure means for the user: "outage" (the server cannot be reached in time
+    or is overloaded: it may come back), "misconfiguration" (wrong token, a model or manifest the
+    server does not serve, a failing TLS handshake: retrying will not help), or "server_error"."""
+    if isinstance(exc, (Unauthenticated, ManifestMismatch, ModelNotFound)):
+        return "misconfiguration"
+    if isinstance(exc, ServerUnavailable) and any(w in str(exc).lower() for w in _TLS_WORDS):
+        return "misconfiguration"
+    if isinstance(exc, (ServerUnavailable, DeadlineExceeded, Overloaded, ConnectionError, TimeoutError)):
+        return "outage"
+    return "server_error"
 
 
 class DeviceHalf(Protocol):
-    """What the runner needs from a session: float32 (B, C, H, W) -> (exit_logits, tokens, importance)."""
+    """What the runner needs from a session: device inputs -> (exit output, tokens, importance)."""
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def run(self, inputs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
@@ -58,8 +80,8 @@ class OffloadPolicy:
 
     exit_threshold: answer on the device when the exit head's max softmax probability is >= this
     (0 = always on the device; above 1 = always offload). mass: share of the importance mass the
-    selected patches cover, in (0, 1]. budget: most patches sent (CLS comes in addition).
-    min_tokens: fewest patches sent.
+    selected tokens cover, in (0, 1]. budget: most tokens sent (CLS comes in addition).
+    min_tokens: fewest tokens sent.
     """
 
     exit_threshold: float
@@ -78,20 +100,15 @@ class OffloadPolicy:
             raise ValueError(f"min_tokens must be an integer >= 1, got {self.min_tokens!r}")
 
     @classmethod
-    def from_manifest(
-        cls,
-        manifest: Manifest,
-        exit_threshold: float | None = None,
-        mass: float | None = None,
-        budget: int | None = None,
-    ) -> "OffloadPolicy":
+    def from_manifest(cls, manifest: Manifest, exit_threshold: float | None = None, mass: float | None = None,
+                      budget: int | None = None) -> "OffloadPolicy":
         """The manifest's calibrated values, each overridable (None keeps the manifest's)."""
-        min_tokens = manifest.data.get("selection", {}).get("min_tokens", 1)
+        sel = manifest.selection
         return cls(
-            exit_threshold=manifest.exit_threshold if exit_threshold is None else float(exit_threshold),
-            mass=manifest.selection_mass if mass is None else float(mass),
-            budget=manifest.selection_budget if budget is None else budget,
-            min_tokens=min_tokens,
+            exit_threshold=manifest.exit.threshold if exit_threshold is None else float(exit_threshold),
+            mass=sel.mass if mass is None else float(mass),
+            budget=sel.budget if budget is None else budget,
+            min_tokens=sel.min_tokens,
         )
 
 
@@ -99,21 +116,22 @@ class OffloadPolicy:
 class EdgeResult:
     """The edge's answer for one input.
 
-    label: class index; class_name: its name from the manifest; confidence: probability of
-    ``label``; probabilities: one per class (softmax). decided_on: "device" (exit head, nothing
-    sent), "server" (the server half's answer) or "degraded" (the exit head's answer after the
-    offload failed; ``error`` says why). bytes_sent: serialized size of the InferRequest sent or
-    tried (0 when none). tokens_sent: tokens in it, CLS included. latency_ms: whole classify call;
-    device_ms: preprocessing + device half; server_ms: round trip of the offload call, failed ones
-    included (None when none). request_id: the InferRequest's id (None when nothing was sent).
-    operating_point: id of the operating point that served the request (None: the runner's own
-    settings). bytes_received: serialized size of the response. energy: the request's energy
-    estimate (None without an energy model).
+    Classifiers: label (class index), class_name, confidence (probability of ``label``),
+    probabilities (softmax, one per class). Embedding models: embedding (D,), label None.
+    decided_on: "device" (exit head, nothing sent), "server" (the server half's answer) or
+    "degraded" (the exit head's answer after the offload failed; ``error`` says why and
+    ``failure`` is "outage", "misconfiguration" or "server_error"). bytes_sent: serialized size of
+    the InferRequest sent or tried (0 when none). tokens_sent: tokens in it, CLS included.
+    tokens_total: tokens the device half produced. latency_ms: the whole call; device_ms: front end
+    + device half; server_ms: round trip of the offload call, failed ones included (None when
+    none). request_id: the InferRequest's id (None when nothing was sent). operating_point: id of
+    the operating point that served the request (None: the runner's own settings).
+    bytes_received: serialized size of the response. energy: the request's energy estimate.
     """
 
-    label: int
-    class_name: str
-    confidence: float
+    label: int | None
+    class_name: str | None
+    confidence: float | None
     probabilities: tuple[float, ...]
     decided_on: str
     bytes_sent: int = 0
@@ -126,33 +144,30 @@ class EdgeResult:
     operating_point: str | None = None
     bytes_received: int = 0
     energy: EnergyEstimate | None = None
+    embedding: tuple[float, ...] | None = None
+    failure: str | None = None
+    tokens_total: int = 0
 
     def __post_init__(self) -> None:
         if self.decided_on not in DECIDED_ON:
             raise ValueError(f"decided_on must be one of {DECIDED_ON}, got {self.decided_on!r}")
-        if not 0 <= self.label < len(self.probabilities):
+        if self.embedding is None and (self.label is None or not 0 <= self.label < len(self.probabilities)):
             raise ValueError(f"label {self.label} out of range for {len(self.probabilities)} classes")
         if self.bytes_sent < 0 or self.tokens_sent < 0:
             raise ValueError(f"bytes_sent and tokens_sent must be >= 0, got {self.bytes_sent}, {self.tokens_sent}")
+        if self.failure is not None and self.failure not in FAILURES:
+            raise ValueError(f"failure must be one of {FAILURES}, got {self.failure!r}")
 
     def to_dict(self) -> dict:
-        """JSON-ready dict (probabilities as a list)."""
+        """JSON-ready dict (tuples as lists)."""
         out = asdict(self)
         out["probabilities"] = list(self.probabilities)
+        if self.embedding is not None:
+            out["embedding"] = list(self.embedding)
         return out
 
     def with_energy(self, energy: EnergyEstimate) -> "EdgeResult":
         return dataclasses.replace(self, energy=energy)
-
-
-def codec_from_manifest(manifest: Manifest) -> CodecConfig:
-    """The manifest's ``codec`` section (encoding, compression, and group size and scale storage
-    where the export recorded them) as a CodecConfig."""
-    section = manifest.data.get("codec", {})
-    known = {f.name for f in dataclasses.fields(CodecConfig)}
-    values = {k: v for k, v in section.items() if k in known}
-    values.update(encoding=manifest.encoding, compression=manifest.compression)
-    return CodecConfig(**values)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -163,17 +178,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class EdgeRunner:
-    """Classifies images with the device half, offloading unconfident ones through ``transport``.
+    """Answers inputs with the device half, offloading unconfident ones through ``transport``.
 
     session: the device half (a :class:`~splitinfer.edge.session.DeviceSession`). transport: a
     :class:`~splitinfer.edge.transport.Transport`, or None to decide everything on the device; the
-    runner does not close it. manifest: the model folder's manifest (preprocessing, dims, classes,
-    name and sha256 sent with each request). codec: how tokens are encoded (None: the manifest's).
-    exit_threshold, mass, budget: override the manifest's values (see :class:`OffloadPolicy`).
-    energy: an :class:`~splitinfer.edge.energy.EnergyModel` to estimate each request's energy
-    (device energy from ``meter``, default RAPL when readable, else CPU time x the profile).
-    controller: a :class:`~splitinfer.edge.controller.BudgetController` that picks the operating
-    point of every request given no point, and learns the link from each offload.
+    runner does not close it. manifest: the model folder's manifest (front end, dims, classes,
+    name and sha256 sent with each request). front_end: turns raw inputs into device inputs
+    (default: the manifest's, :func:`~splitinfer.edge.frontends.front_end_for`). codec: how tokens
+    are encoded (None: the manifest's). exit_threshold, mass, budget: override the manifest's
+    values (see :class:`OffloadPolicy`). energy: an :class:`~splitinfer.edge.energy.EnergyModel` to
+    estimate each request's energy (device energy from ``meter``, default RAPL when readable, else
+    CPU time x the profile). controller: a :class:`~splitinfer.edge.controller.BudgetController`
+    that picks the operating point of every request given no point, and learns the link.
     """
 
     def __init__(
@@ -189,49 +205,72 @@ class EdgeRunner:
         energy: EnergyModel | None = None,
         meter: DeviceEnergyMeter | None = None,
         controller: "BudgetController | None" = None,
+        front_end: FrontEnd | None = None,
     ) -> None:
         self.session = session
         self.transport = transport
         self.manifest = manifest
-        self.codec = codec if codec is not None else codec_from_manifest(manifest)
+        self.front_end = front_end if front_end is not None else front_end_for(manifest)
+        self.codec = codec if codec is not None else manifest.codec.config()
         self.zstd_dictionary = load_dictionary(manifest.zstd_dictionary)  # the model's, when it ships one
         self.policy = OffloadPolicy.from_manifest(manifest, exit_threshold, mass, budget)
-        self.spec = PreprocessSpec.from_dict(manifest.preprocessing)
         self._clock = clock
         self.energy = energy
         self.meter = meter if meter is not None or energy is None else DeviceEnergyMeter(energy.device)
         self.controller = controller
+        self.task = manifest.task
         self._point_settings: dict["OperatingPoint", tuple[OffloadPolicy, CodecConfig]] = {}
+        self._header = {"model": manifest.name, "manifest_sha256": manifest.sha256}
 
-    def classify(self, image: np.ndarray, point: "OperatingPoint | None" = None) -> EdgeResult:
-        """image uint8 (H, W) grayscale (resized to the manifest's size if it differs) -> EdgeResult.
+    # -- public entry points
+    def classify(self, image, point: "OperatingPoint | None" = None) -> EdgeResult:
+        """One image (uint8 (H, W) gray or (H, W, 3) RGB, any size) -> EdgeResult."""
+        if self.front_end.kind != "image":
+            raise ValueError(f"{self.manifest.name} reads {self.front_end.kind}, not images: use classify_text")
+        return self.run(image, point)
+
+    def classify_text(self, text: str, point: "OperatingPoint | None" = None) -> EdgeResult:
+        """One text -> EdgeResult (label or embedding)."""
+        if self.front_end.kind != "text":
+            raise ValueError(f"{self.manifest.name} reads {self.front_end.kind}, not text: use classify")
+        return self.run(text, point)
+
+    def classify_many(self, inputs: Iterable) -> list[EdgeResult]:
+        """An iterable of images (or a uint8 (B, H, W) batch) or texts -> one EdgeResult each, in order."""
+        return [self.run(x) for x in inputs]
+
+    def run(self, raw, point: "OperatingPoint | None" = None) -> EdgeResult:
+        """One raw input through the front end and the decision loop.
 
         point: the operating point for this request (None: the controller's choice if there is a
         controller, else the runner's own settings).
         """
-        image = np.asarray(image)
-        if image.ndim != 2:
-            raise ValueError(f"classify takes one uint8 (H, W) image, got shape {image.shape}; use classify_many")
         chosen = point if point is not None or self.controller is None else self.controller.choose()
-        policy, _ = self._settings(chosen)
         energy_before = self.meter.read() if self.meter is not None else None
         start = self._clock()
-        x = preprocess(image, self.spec)  # (1, 1, H, W)
-        exit_logits, tokens, importance = self.session.run(x)
-        self._check_device_outputs(exit_logits, tokens, importance)
-        probs = softmax(exit_logits[0])
+        inputs = self.front_end(raw)
+        return self.decide(inputs, chosen, start, energy_before)
+
+    # -- the decision loop
+    def decide(self, inputs: dict, chosen: "OperatingPoint | None" = None, start: float | None = None,
+               energy_before: float | None = None) -> EdgeResult:
+        """Device inputs (graph names -> arrays, batch 1) -> EdgeResult."""
+        start = self._clock() if start is None else start
+        policy, _ = self._settings(chosen)
+        exit_out, tokens, importance = self.session.run(inputs)
+        self._check_device_outputs(exit_out, tokens, importance)
         device_done = self._clock()
         device_mj = self.meter.mj_between(energy_before, self.meter.read()) if self.meter is not None else 0.0
         device_ms = (device_done - start) * 1e3
-        label = int(np.argmax(probs))
-        confidence = float(probs[label])
+        local = self._answer(exit_out[0])
         point_id = None if chosen is None else chosen.id
+        n_tokens = int(tokens.shape[1])
         if self.controller is not None:
-            self.controller.observe_confidence(confidence, device_ms)
-
-        if confidence >= policy.exit_threshold or self.transport is None:
-            result = self._result(label, probs, "device", latency_ms=(self._clock() - start) * 1e3,
-                                  device_ms=device_ms, operating_point=point_id)
+            self.controller.observe_confidence(local["confidence"] or 0.0, device_ms)
+        confident = self.task == "classification" and local["confidence"] >= policy.exit_threshold
+        if confident or self.transport is None:
+            result = EdgeResult(**local, decided_on="device", latency_ms=(self._clock() - start) * 1e3,
+                                device_ms=device_ms, operating_point=point_id, tokens_total=n_tokens)
             return self._finish(result, chosen, device_mj)
 
         request_id = uuid.uuid4().hex
@@ -243,46 +282,42 @@ class EdgeRunner:
             sent_at = self._clock()
             response = self.transport.infer(request)
             server_ms = (self._clock() - sent_at) * 1e3
-            server_probs, server_label = self._check_response(response, request_id)
+            answer = self._check_response(response, request_id, exit_out.shape[-1])
         except Exception as exc:  # the edge always answers: any failure falls back to the exit head
             server_ms = None if sent_at is None else (self._clock() - sent_at) * 1e3
             error = f"{type(exc).__name__}: {exc}"
-            logger.info("request %s degraded to the device answer: %s", request_id, error)
-            result = self._result(
-                label, probs, "degraded", bytes_sent=bytes_sent, tokens_sent=tokens_sent,
+            failure = classify_failure(exc)
+            logger.info("request %s degraded to the device answer (%s): %s", request_id, failure, error)
+            result = EdgeResult(
+                **local, decided_on="degraded", bytes_sent=bytes_sent, tokens_sent=tokens_sent,
                 latency_ms=(self._clock() - start) * 1e3, device_ms=device_ms, server_ms=server_ms,
-                error=error, request_id=request_id, operating_point=point_id,
+                error=error, request_id=request_id, operating_point=point_id, failure=failure, tokens_total=n_tokens,
             )
             return self._finish(result, chosen, device_mj)
-        result = self._result(
-            server_label, server_probs, "server", bytes_sent=bytes_sent, tokens_sent=tokens_sent,
+        result = EdgeResult(
+            **answer, decided_on="server", bytes_sent=bytes_sent, tokens_sent=tokens_sent,
             latency_ms=(self._clock() - start) * 1e3, device_ms=device_ms, server_ms=server_ms,
             request_id=request_id, operating_point=point_id, bytes_received=response.ByteSize(),
+            tokens_total=n_tokens,
         )
         server_compute_ms = response.timings.total_ms if response.HasField("timings") else 0.0
         if self.controller is not None:
             self.controller.link.observe(bytes_sent, server_ms, server_compute_ms)
         return self._finish(result, chosen, device_mj, server_compute_ms)
 
-    def classify_many(self, images: Iterable[np.ndarray]) -> list[EdgeResult]:
-        """uint8 (B, H, W) or an iterable of (H, W) images -> one EdgeResult each, in order."""
-        return [self.classify(image) for image in images]
-
     def select(self, importance: np.ndarray, point: "OperatingPoint | None" = None) -> np.ndarray:
-        """importance float32 (P,) -> token positions int64 (1 + K,): 0 (CLS), then 1 + patch index."""
+        """importance float32 (N - 1,) -> token positions int64 (1 + K,): 0 (CLS), then 1 + token index."""
         policy, _ = self._settings(point)
-        patches = select_tokens(importance, policy.mass, policy.budget, policy.min_tokens)
-        return np.concatenate([np.zeros(1, dtype=np.int64), 1 + patches.astype(np.int64)])
+        chosen = select_tokens(importance, policy.mass, policy.budget, policy.min_tokens)
+        return np.concatenate([np.zeros(1, dtype=np.int64), 1 + chosen.astype(np.int64)])
 
     def build_request(self, tokens: np.ndarray, importance: np.ndarray, request_id: str,
                       point: "OperatingPoint | None" = None) -> pb.InferRequest:
-        """tokens float32 (1 + P, d), importance float32 (P,) -> InferRequest with the selected tokens."""
+        """tokens float32 (N, d), importance float32 (N - 1,) -> InferRequest with the selected tokens."""
         _, codec = self._settings(point)
         positions = self.select(importance, point)
         packet = encode_tokens(tokens[positions], positions, codec, zstd_dictionary=self.zstd_dictionary)
-        return pb.InferRequest(
-            model=self.manifest.name, manifest_sha256=self.manifest.sha256, request_id=request_id, packet=packet,
-        )
+        return pb.InferRequest(request_id=request_id, packet=packet, **self._header)
 
     def _settings(self, point: "OperatingPoint | None") -> tuple[OffloadPolicy, CodecConfig]:
         """The exit/selection policy and codec of ``point`` (None: the runner's own)."""
@@ -310,24 +345,42 @@ class EdgeRunner:
             self.controller.update(point, RequestCost.from_result(result, point))
         return result
 
-    def _check_device_outputs(self, exit_logits: np.ndarray, tokens: np.ndarray, importance: np.ndarray) -> None:
+    def _check_device_outputs(self, exit_out: np.ndarray, tokens: np.ndarray, importance: np.ndarray) -> None:
         m = self.manifest
-        expected = {
-            "exit_logits": (exit_logits, (1, len(m.classes))),
-            "tokens": (tokens, (1, m.num_tokens, m.dim)),
-            "importance": (importance, (1, m.num_patches)),
-        }
+        n = tokens.shape[1] if tokens.ndim == 3 else -1
+        if m.input.kind == "image" and n != m.num_tokens or not 1 <= n <= m.num_tokens:
+            raise ManifestError(f"device half output tokens has shape {np.shape(tokens)}, the manifest implies "
+                                f"(1, {m.num_tokens}, {m.dim})")
+        expected = {"tokens": (tokens, (1, n, m.dim)), "importance": (importance, (1, n - 1))}
+        if m.task == "classification":
+            expected["exit_logits"] = (exit_out, (1, len(m.classes)))
+        elif exit_out.ndim != 2 or exit_out.shape[0] != 1:
+            raise ManifestError(f"device half exit embedding has shape {exit_out.shape}, expected (1, D)")
         for name, (value, shape) in expected.items():
             if np.shape(value) != shape:
-                raise ManifestError(
-                    f"device half output {name} has shape {np.shape(value)}, the manifest implies {shape}"
-                )
+                raise ManifestError(f"device half output {name} has shape {np.shape(value)}, the manifest implies {shape}")
 
-    def _check_response(self, response: pb.InferResponse, request_id: str) -> tuple[np.ndarray, int]:
-        """A server answer -> (probabilities float64 (K,), label), or ServerInternalError if malformed."""
-        k = len(self.manifest.classes)
+    def _answer(self, out: np.ndarray) -> dict:
+        """The device's own answer as EdgeResult fields."""
+        if self.task == "embedding":
+            return {"label": None, "class_name": None, "confidence": None, "probabilities": (),
+                    "embedding": tuple(float(v) for v in np.asarray(out, dtype=np.float32))}
+        probs = softmax(out)
+        label = int(np.argmax(probs))
+        return {"label": label, "class_name": self.manifest.classes[label], "confidence": float(probs[label]),
+                "probabilities": tuple(float(p) for p in probs)}
+
+    def _check_response(self, response: pb.InferResponse, request_id: str, width: int) -> dict:
+        """A server answer -> EdgeResult fields, or ServerInternalError if malformed."""
         if response.request_id and response.request_id != request_id:
-            raise ServerInternalError(f"response is for request {response.request_id!r}, expected {request_id!r}")
+            raise ServerInternalError(f"response is for request {response.request_id[:40]!r}, expected {request_id!r}")
+        if self.task == "embedding":
+            emb = np.asarray(response.embedding, dtype=np.float32)
+            if emb.shape != (width,) or not np.all(np.isfinite(emb)):
+                raise ServerInternalError(f"response has an embedding of {emb.size} values, expected {width} finite")
+            return {"label": None, "class_name": None, "confidence": None, "probabilities": (),
+                    "embedding": tuple(float(v) for v in emb)}
+        k = len(self.manifest.classes)
         probs = np.asarray(response.probabilities, dtype=np.float64)
         if probs.shape != (k,):
             raise ServerInternalError(f"response has {probs.size} probabilities, expected {k}")
@@ -335,14 +388,6 @@ class EdgeRunner:
             raise ServerInternalError("response probabilities contain NaN or inf")
         if not 0 <= response.label < k:
             raise ServerInternalError(f"response label {response.label} out of range [0, {k})")
-        return probs, int(response.label)
-
-    def _result(self, label: int, probs: np.ndarray, decided_on: str, **fields) -> EdgeResult:
-        return EdgeResult(
-            label=label,
-            class_name=self.manifest.classes[label],
-            confidence=float(probs[label]),
-            probabilities=tuple(float(p) for p in probs),
-            decided_on=decided_on,
-            **fields,
-        )
+        label = int(response.label)
+        return {"label": label, "class_name": self.manifest.classes[label], "confidence": float(probs[label]),
+                "probabilities": tuple(float(p) for p in probs)}

@@ -24,8 +24,9 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from splitinfer.protos import graphs
 from splitinfer.protos.errors import ManifestError
-from splitinfer.protos.manifest import Manifest, cpu_signature, sha256_file
+from splitinfer.protos.manifest import Manifest, cpu_signature
 
 __all__ = ["SessionOptions", "DeviceOutputs", "DeviceSession", "DeviceHalfChoice", "DEVICE_HALVES",
            "choose_device_half", "device_half_path", "available_halves", "time_device_halves", "cpu_signature",
@@ -33,8 +34,6 @@ __all__ = ["SessionOptions", "DeviceOutputs", "DeviceSession", "DeviceHalfChoice
 
 logger = logging.getLogger(__name__)
 
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("exit_logits", "tokens", "importance")
 DEVICE_HALVES = ("auto", "float", "int8")
 _FILE_KEY = {"float": "device", "int8": "device_int8"}
 MIN_SPEEDUP = 0.95  # INT8 must run in at most 95 % of the float half's time to be chosen by "auto"
@@ -74,19 +73,24 @@ class SessionOptions:
 
 
 class DeviceOutputs(NamedTuple):
-    """What the device half returns for a batch of B images.
+    """What the device half returns for a batch of B inputs.
 
-    exit_logits: float32 (B, K) over the K classes. tokens: float32 (B, 1 + P, d), CLS at index 0.
-    importance: float32 (B, P), the CLS attention per patch, each row sums to 1.
+    exit: float32 (B, K) exit logits, or (B, D) an exit embedding. tokens: float32 (B, N, d), CLS at
+    index 0 (d: the bottleneck width when one is deployed). importance: float32 (B, N - 1), each
+    row sums to 1 over real tokens.
     """
 
-    exit_logits: np.ndarray
+    exit: np.ndarray
     tokens: np.ndarray
     importance: np.ndarray
 
 
 class DeviceSession:
-    """One reused ORT session of ``device.onnx``; ``run`` maps images to :class:`DeviceOutputs`."""
+    """One reused ORT session of a device half; ``run`` maps the device inputs to :class:`DeviceOutputs`.
+
+    Image halves take {"image": float32 (B, C, H, W)}; text halves {"input_ids", "attention_mask":
+    int64 (B, T)} (names: :mod:`splitinfer.protos.graphs`).
+    """
 
     def __init__(self, path: str | PathLike, options: SessionOptions = SessionOptions()) -> None:
         self.path = path
@@ -98,16 +102,22 @@ class DeviceSession:
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile...)
             raise ManifestError(f"{path}: ONNX Runtime cannot load the device half: {exc}") from exc
         inputs = {i.name: i for i in self._session.get_inputs()}
-        outputs = {o.name for o in self._session.get_outputs()}
-        missing = [n for n in OUTPUT_NAMES if n not in outputs]
-        if INPUT_NAME not in inputs or missing:
+        outputs = [o.name for o in self._session.get_outputs()]
+        kinds = [k for k in ("image", "text") if set(graphs.device_inputs(k)) == set(inputs)]
+        exits = [n for n in (graphs.EXIT_LOGITS, graphs.EXIT_EMBEDDING) if n in outputs]
+        if not kinds or not exits or graphs.TOKENS not in outputs or graphs.IMPORTANCE not in outputs:
             raise ManifestError(
-                f"{path}: not a device half: needs input {INPUT_NAME!r} and outputs {list(OUTPUT_NAMES)}, "
+                f"{path}: not a device half: needs inputs {graphs.device_inputs('image')} or "
+                f"{graphs.device_inputs('text')} and outputs (exit_logits | exit_embedding, tokens, importance), "
                 f"has inputs {sorted(inputs)} and outputs {sorted(outputs)}"
             )
-        self.input_shape = tuple(inputs[INPUT_NAME].shape)  # e.g. ('batch', 1, 64, 64)
+        self.input_kind = kinds[0]
+        self.input_names = graphs.device_inputs(self.input_kind)
+        self.output_names = [exits[0], graphs.TOKENS, graphs.IMPORTANCE]
+        self.input_shapes = {n: tuple(inputs[n].shape) for n in self.input_names}
+        self.input_shape = self.input_shapes[self.input_names[0]]  # e.g. ('batch', 1, 64, 64)
         self.choice: DeviceHalfChoice | None = None
-        logger.debug("loaded %s (input %s, %s)", path, self.input_shape, options)
+        logger.debug("loaded %s (inputs %s, %s)", path, self.input_shapes, options)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, options: SessionOptions = SessionOptions(),
@@ -121,17 +131,25 @@ class DeviceSession:
         session.choice = choice
         return session
 
-    def run(self, x: np.ndarray) -> DeviceOutputs:
-        """x float32 (B, C, H, W), normalized as the manifest says -> DeviceOutputs."""
-        x = np.asarray(x)
-        if x.dtype != np.float32:
-            raise ValueError(f"device input must be float32, got {x.dtype}")
-        if x.ndim != len(self.input_shape) or any(
-            isinstance(want, int) and want != got for want, got in zip(self.input_shape, x.shape)
-        ):
-            raise ValueError(f"device input shape {x.shape} does not fit the model's {self.input_shape}")
-        exit_logits, tokens, importance = self._session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        return DeviceOutputs(exit_logits, tokens, importance)
+    def run(self, inputs: dict | np.ndarray) -> DeviceOutputs:
+        """The device inputs (a dict by graph input name; an image half also takes the float32
+        (B, C, H, W) array alone) -> DeviceOutputs."""
+        if not isinstance(inputs, dict):
+            inputs = {self.input_names[0]: inputs}
+        if set(inputs) != set(self.input_names):
+            raise ValueError(f"device inputs must be {list(self.input_names)}, got {sorted(inputs)}")
+        feed = {}
+        for name in self.input_names:
+            x = np.asarray(inputs[name])
+            want_dtype = np.float32 if self.input_kind == "image" else np.int64
+            if x.dtype != want_dtype:
+                raise ValueError(f"device input {name} must be {np.dtype(want_dtype).name}, got {x.dtype}")
+            shape = self.input_shapes[name]
+            if x.ndim != len(shape) or any(isinstance(w, int) and w != g for w, g in zip(shape, x.shape)):
+                raise ValueError(f"device input {name} shape {x.shape} does not fit the model's {shape}")
+            feed[name] = x
+        exit_out, tokens, importance = self._session.run(self.output_names, feed)
+        return DeviceOutputs(exit_out, tokens, importance)
 
 
 @dataclass(frozen=True)
@@ -146,7 +164,7 @@ class DeviceHalfChoice:
 
 
 def available_halves(manifest: Manifest) -> tuple[str, ...]:
-    return tuple(h for h, key in _FILE_KEY.items() if key in manifest.data.get("files", {}))
+    return tuple(h for h, key in _FILE_KEY.items() if key in manifest.files)
 
 
 def device_half_path(manifest: Manifest, half: str) -> Path:
@@ -155,16 +173,11 @@ def device_half_path(manifest: Manifest, half: str) -> Path:
         raise ValueError(f"device half must be 'float' or 'int8', got {half!r}")
     if half == "float":
         return manifest.device_path
-    entry = manifest.data.get("files", {}).get(_FILE_KEY[half])
-    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+    if _FILE_KEY[half] not in manifest.files:
         raise ManifestError(f"{manifest.folder}: no INT8 device half in manifest.json "
                             "(export with `splitinfer-export export --quantize int8`)")
-    path = manifest.folder / entry["path"]
-    if not path.is_file():
-        raise ManifestError(f"{manifest.folder}: INT8 device half {entry['path']} not found")
-    if sha256_file(path) != entry.get("sha256"):
-        raise ManifestError(f"{manifest.folder}: {entry['path']} does not match the sha256 in manifest.json")
-    return path
+    manifest.verify((_FILE_KEY[half],))
+    return manifest.path(_FILE_KEY[half])
 
 
 def choose_device_half(manifest: Manifest, requested: str = "auto",
@@ -178,15 +191,12 @@ def choose_device_half(manifest: Manifest, requested: str = "auto",
         return DeviceHalfChoice(requested, "requested")
     if "int8" not in available_halves(manifest):
         return DeviceHalfChoice("float", "auto: the model folder has no INT8 device half")
-    variants = manifest.data.get("device_variants", {})
-    if not variants.get("int8", {}).get("eligible", False):
+    if not manifest.int8_eligible:
         return DeviceHalfChoice("float", "auto: the INT8 half lost more accuracy than export allowed")
-    measured = variants.get("measured_on", {})
     here = cpu_signature()
-    if (measured.get("machine"), measured.get("model")) == (here["machine"], here["model"]) \
-            and variants.get("auto_choice") in _FILE_KEY:
-        return DeviceHalfChoice(variants["auto_choice"], f"auto: the manifest's choice, measured on this CPU "
-                                f"({here['model']}; int8/float latency {variants.get('latency_ratio_int8_over_float')})")
+    if manifest.int8_measured_on == (here["machine"], here["model"]):
+        return DeviceHalfChoice(manifest.device_auto_choice, f"auto: the manifest's choice, measured on this CPU "
+                                f"({here['model']}; int8/float latency {manifest.int8_latency_ratio})")
     sessions = {half: DeviceSession(device_half_path(manifest, half), options) for half in ("float", "int8")}
     timings = time_device_halves(sessions, runs=runs)
     half = "int8" if timings["int8"] <= MIN_SPEEDUP * timings["float"] else "float"
@@ -208,6 +218,8 @@ def time_device_halves(sessions: dict[str, DeviceSession], runs: int = 30, warmu
     return {name: round(float(np.median(t)), 4) for name, t in times.items()}
 
 
-def zero_input(session: DeviceSession) -> np.ndarray:
-    """float32 zeros of the session's input shape with symbolic dimensions set to 1."""
-    return np.zeros([d if isinstance(d, int) else 1 for d in session.input_shape], dtype=np.float32)
+def zero_input(session: DeviceSession) -> dict:
+    """A batch-1 input of the session's shapes: float32 zeros for an image, two tokens for text."""
+    if session.input_kind == "text":
+        return {graphs.INPUT_IDS: np.array([[101, 102]], np.int64), graphs.ATTENTION_MASK: np.ones((1, 2), np.int64)}
+    return {graphs.IMAGE: np.zeros([d if isinstance(d, int) else 1 for d in session.input_shape], dtype=np.float32)}

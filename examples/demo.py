@@ -123,18 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from splitinfer.edge.energy import EnergyModel, energy_label, full_model_mj
-    from splitinfer.edge.preprocess import preprocess
+    from splitinfer.edge.energy import EnergyModel, energy_label, reference_energy
     from splitinfer.edge.runner import EdgeRunner
     from splitinfer.edge.session import DeviceSession, SessionOptions
     from splitinfer.edge.transport import GrpcTransport
     from splitinfer.export.data import make_split
-    from splitinfer.export.pipeline import ExportOptions, export_model
+    from splitinfer.export.pipeline import export_checkpoint
     from splitinfer.protos import load_manifest
 
     t_start = time.perf_counter()
     log.info("exporting %s -> %s", args.checkpoint.relative_to(ROOT) if args.checkpoint.is_relative_to(ROOT) else args.checkpoint, args.model_dir)
-    export_model(args.checkpoint, args.model_dir, ExportOptions())
+    export_checkpoint(args.checkpoint, args.model_dir)
     manifest = load_manifest(args.model_dir)
     images, labels = make_split("test", n=args.n_test)
     n = len(images)
@@ -160,10 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         if proc.poll() is None:
             stop_server(proc)
 
-    full_mj, full_how = full_model_mj(manifest, session.run, preprocess(images[0], manifest.preprocessing),
-                                      runner.meter)
+    reference, how = reference_energy(manifest, session.run, runner.front_end(images[0]), runner.meter,
+                                      half=session.choice.half)
+    full_mj = reference.whole_model_mj
     energy_mean = {k: float(np.mean([getattr(r.energy, k) for r in results]))
                    for k in ("device_mj", "radio_mj", "server_mj", "total_mj")}
+    energy_ratio = reference.ratio(len(results), sum(r.energy.radio_mj for r in results),
+                                   sum(r.energy.server_mj for r in results), len(results))
     decided = np.array([r.decided_on for r in results])
     pred = np.array([r.label for r in results])
     offloaded = decided == "server"
@@ -192,13 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         "energy_mj_per_request": energy_mean["total_mj"],
         "energy_mj_per_request_split": {k[:-3]: energy_mean[k] for k in ("device_mj", "radio_mj", "server_mj")},
         "energy_full_model_on_device_mj": full_mj,
-        "energy_ratio_to_full_model": energy_mean["total_mj"] / full_mj,
-        "energy_label": energy_label(energy_mean["total_mj"] / full_mj),
-        "energy_method": {"device": results[0].energy.method, "full_model": full_how},
+        "energy_device_half_on_device_mj": reference.device_half_mj,
+        "energy_ratio_to_full_model": energy_ratio,
+        "energy_label": energy_label(energy_ratio),
+        "energy_method": {"device": results[0].energy.method,
+                          "reference": f"median of {reference.repeats}, device half and whole model alike ({how})"},
         "energy_profile": {"device": energy.device.name, "link": energy.link.name, "server": energy.server.name},
         "exit_threshold": manifest.exit_threshold,
-        "selection": {"mass": manifest.selection_mass, "budget": manifest.selection_budget},
-        "codec": {"encoding": manifest.encoding, "compression": manifest.compression},
+        "selection": {"mass": manifest.selection.mass, "budget": manifest.selection.budget},
+        "codec": {"encoding": manifest.codec.encoding, "compression": manifest.codec.compression,
+                  "zstd_dictionary": "zstd_dictionary" in manifest.files},
         "threads": args.threads,
         "model": {"name": manifest.name, "version": manifest.version, "manifest_sha256": manifest.sha256},
         "wall_seconds": None,

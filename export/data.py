@@ -26,9 +26,12 @@ __all__ = [
     "split_digits",
     "make_canvases",
     "make_split",
+    "load_image_data",
+    "CLUTTERED_MNIST",
 ]
 
 MNIST_ENV = "SPLITINFER_MNIST_CSV"
+CLUTTERED_MNIST = "cluttered-mnist"  # --data names: this, or "imagefolder:DIR" (export/imagefolder.py)
 DIGIT_SIZE = 28
 SPLITS = ("train", "calibration", "test")
 
@@ -178,3 +181,25 @@ def make_split(
     n = 2 * len(digits) if n is None else n
     split_seed = seed * 1000 + SPLITS.index(split) + 1
     return make_canvases(digits, digit_labels, n, config, seed=split_seed)
+
+
+def load_image_data(data: str, spec, split: str, seed: int = 0, n: int | None = None):
+    """One split of ``--data``, preprocessed as ``spec`` (an ImagePreprocessing or its dict) says.
+
+    data: "cluttered-mnist" (``make_split``: n canvases, default 2 per digit; class names "0".."9")
+    or "imagefolder:DIR" (``load_imagefolder``; n must be None). Returns images float32
+    (n, C, H, W), labels int64 (n,) and the class names.
+    """
+    from .imagefolder import imagefolder_root, load_imagefolder
+
+    root = imagefolder_root(data)
+    if root is not None:
+        if n is not None:
+            raise ValueError("an imagefolder split holds all its images; n applies to cluttered-mnist only")
+        return load_imagefolder(root, spec, split, seed=seed)
+    if data != CLUTTERED_MNIST:
+        raise ValueError(f"data must be {CLUTTERED_MNIST!r} or 'imagefolder:DIR', got {data!r}")
+    from splitinfer.edge.preprocess import preprocess
+
+    canvases, labels = make_split(split, n=n, seed=seed)
+    return preprocess(canvases, spec), labels, [str(c) for c in range(10)]

@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ViTConfig", "SplitViT", "DeviceHalf", "ServerHalf"]
+from .bottleneck import Bottleneck
+
+__all__ = ["ViTConfig", "SplitViT"]
 
 MASKED_SCORE = -1e9  # added to attention scores of padded keys; exp() underflows to exactly 0
 
@@ -131,22 +133,6 @@ class Block(nn.Module):
         return x, attn
 
 
-class Bottleneck(nn.Module):
-    """The learned split bottleneck: encoder (N, d) -> (N, d_c) ends the device half, decoder
-    (N, d_c) -> (N, d) starts the server half. Applied per token, so pruning commutes with it."""
-
-    def __init__(self, dim: int, width: int):
-        super().__init__()
-        self.encoder = nn.Linear(dim, width)
-        self.decoder = nn.Sequential(nn.Linear(width, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.encoder(tokens)
-
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.decoder(codes)
-
-
 class SplitViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -198,35 +184,6 @@ class SplitViT(nn.Module):
         if str(width) not in self.bottlenecks:
             raise ValueError(f"this model has no bottleneck of width {width}; trained: {list(self.cfg.bottleneck_dims)}")
         return self.bottlenecks[str(width)]
-
-
-class DeviceHalf(nn.Module):
-    """Export wrapper: image (B, C, H, W) -> exit_logits (B, K), tokens (B, N, d or d_c), importance (B, P)."""
-
-    def __init__(self, model: SplitViT, bottleneck: int | None = None):
-        super().__init__()
-        self.model = model
-        self.bottleneck = model.bottleneck(bottleneck)
-
-    def forward(self, image: torch.Tensor):
-        exit_logits, tokens, importance = self.model.device_forward(image)
-        if self.bottleneck is not None:
-            tokens = self.bottleneck.encode(tokens)
-        return exit_logits, tokens, importance
-
-
-class ServerHalf(nn.Module):
-    """Export wrapper: tokens (B, N', d or d_c), mask (B, N') bool -> logits (B, K)."""
-
-    def __init__(self, model: SplitViT, bottleneck: int | None = None):
-        super().__init__()
-        self.model = model
-        self.bottleneck = model.bottleneck(bottleneck)
-
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor):
-        if self.bottleneck is not None:
-            tokens = self.bottleneck.decode(tokens)
-        return self.model.server_forward(tokens, mask)
 
 
 def _init_weights(m: nn.Module) -> None:

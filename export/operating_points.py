@@ -14,14 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..protos.codec import CodecConfig, encode_tokens
 from ..protos import splitinfer_pb2 as pb
-from .model import SplitViT
-from .preprocess import normalize
+from ..protos.codec import CodecConfig, encode_tokens
+from ..protos.points import pareto_front
+from .adapters.split import SplitModel
+from .datasets import Dataset
 from .tokens import fake_quantize, select_tokens_mask, with_cls
 
-__all__ = ["SweepSpace", "Simulation", "simulate_configs", "points_for", "pareto_front", "robust_threshold",
-           "plot_pareto"]
+__all__ = ["SweepSpace", "Simulation", "simulate_configs", "points_for", "pareto_rows", "robust_threshold",
+           "plot_pareto", "NEVER_EXIT"]
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,25 @@ class SweepSpace:
 
 @dataclass
 class Simulation:
-    """Per-input outcomes on one split. Arrays are (n,); ``configs`` maps a config key to
-    (split predictions (n,), bytes per request if offloaded (n,), tokens sent (n,))."""
+    """Per-input outcomes on one split, arrays (n,). ``confidence``: the exit head's max softmax (0
+    for embedding models, which never exit). ``exit_correct`` / ``full_correct``: 1/0 label
+    correctness of the exit head and of the whole model (classification; unlabelled data is scored
+    against the whole model's own answer) or the cosine to the whole model's embedding.
+    ``configs`` maps (width, encoding, mass, budget) to (correctness of the server's answer on what
+    the edge would send (n,), bytes per request if offloaded (n,), tokens sent (n,)). ``exit_pred``
+    and ``full_pred``: predicted classes (classification only, else None)."""
 
-    labels: np.ndarray
+    labels: np.ndarray | None
     confidence: np.ndarray
-    exit_pred: np.ndarray
-    full_pred: np.ndarray
+    exit_correct: np.ndarray
+    full_correct: np.ndarray
     configs: dict
+    exit_pred: np.ndarray | None = None
+    full_pred: np.ndarray | None = None
+
+    @property
+    def accuracy_full(self) -> float:
+        return float(self.full_correct.mean())
 
 
 def gather_kept(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +85,7 @@ def gather_kept(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _request_bytes(codes: np.ndarray, keep: np.ndarray, encoding: str, header: dict) -> tuple[np.ndarray, np.ndarray]:
-    """codes float32 (n, N, w), keep bool (n, P) -> serialized request bytes (n,), tokens (n,)."""
+    """codes float32 (n, N, w), keep bool (n, N - 1) -> serialized request bytes (n,), tokens (n,)."""
     config = CodecConfig(encoding, COMPRESSION, scale_dtype=SCALE_DTYPE) if encoding in ("int8", "int4") \
         else CodecConfig(encoding, COMPRESSION)
     sizes, counts = np.empty(len(codes), np.int64), np.empty(len(codes), np.int64)
@@ -85,51 +97,77 @@ def _request_bytes(codes: np.ndarray, keep: np.ndarray, encoding: str, header: d
     return sizes, counts
 
 
+def _score(task: str, out: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Per-row correctness: (argmax == label) for classifiers, cosine to the whole model's embedding."""
+    if task == "classification":
+        return (out.argmax(-1) == labels).double().numpy()
+    cos = torch.nn.functional.cosine_similarity(out, reference, dim=-1).double()
+    return cos.clamp(0.0, 1.0).numpy()  # a score in [0, 1], like label correctness
+
+
+def _sent(kept: torch.Tensor, encoding: str) -> torch.Tensor:
+    """What the server decodes from ``kept`` tokens after the codec's round trip."""
+    if encoding in ("int8", "int4"):
+        return fake_quantize(kept, 8 if encoding == "int8" else 4, 0, SCALE_DTYPE)
+    return kept.half().float() if encoding == "fp16" else kept
+
+
 @torch.no_grad()
-def simulate_configs(model: SplitViT, images: np.ndarray, labels: np.ndarray, space: SweepSpace,
-                     header: dict, batch_size: int = 250) -> Simulation:
-    """Run every (width, encoding, mass, budget) over the inputs. ``header``: the InferRequest's
+def simulate_configs(model: SplitModel, data: Dataset, space: SweepSpace, header: dict,
+                     batch_size: int = 250) -> Simulation:
+    """Run every (width, encoding, mass, budget) over ``data``. ``header``: the InferRequest's
     model / manifest_sha256 / request_id fields as the edge sends them (their size counts)."""
     model.eval()
-    conf, exit_pred, full_pred = [], [], []
+    task = model.backbone.task
+    conf, exit_c, full_c, exit_p, full_p, labels_all = [], [], [], [], [], []
     outs: dict = {}
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(normalize(images[start:start + batch_size]))
-        exit_logits, tokens, importance = model.device_forward(x)
-        probs = exit_logits.softmax(-1)
-        conf.append(probs.max(-1).values.numpy())
-        exit_pred.append(probs.argmax(-1).numpy())
-        full_pred.append(model.server_forward(tokens).argmax(-1).numpy())
-        for w in space.widths:
-            bottleneck = model.bottleneck(w)
+    for inputs, rows in data.batches(batch_size):
+        exit_out, tokens, importance, w = model.device_forward(inputs)
+        full = model.server_forward(tokens, w)
+        if task == "classification":
+            probs = exit_out.softmax(-1)
+            labels = torch.from_numpy(data.labels[rows]) if data.labels is not None else full.argmax(-1)
+            conf.append(probs.max(-1).values.numpy())
+            exit_p.append(probs.argmax(-1).numpy())
+            full_p.append(full.argmax(-1).numpy())
+            labels_all.append(labels.numpy())
+        else:
+            labels = None
+            conf.append(np.zeros(len(full)))
+        exit_c.append(_score(task, exit_out, full, labels))
+        full_c.append(_score(task, full, full, labels))
+        real = None if w is None else (w[:, 1:] > 0)
+        for width in space.widths:
+            bottleneck = model.bottleneck(width)
             codes = tokens if bottleneck is None else bottleneck.encode(tokens)
+            codes_np = codes.numpy()
             for mass, budget in space.selections:
                 keep = select_tokens_mask(importance, mass, budget)
+                if real is not None:
+                    keep = keep & real
                 kept, mask = gather_kept(codes, with_cls(keep))  # (B, K, w): only what is sent
                 for enc in space.encodings:
-                    if enc in ("int8", "int4"):
-                        sent = fake_quantize(kept, 8 if enc == "int8" else 4, 0, SCALE_DTYPE)
-                    else:
-                        sent = kept.half().float() if enc == "fp16" else kept
+                    sent = _sent(kept, enc)
                     received = sent if bottleneck is None else bottleneck.decode(sent)
-                    pred = model.server_forward(received, mask).argmax(-1).numpy()
-                    nbytes, ntok = _request_bytes(codes.numpy(), keep.numpy(), enc, header)
-                    acc = outs.setdefault((w, enc, mass, budget), ([], [], []))
-                    acc[0].append(pred)
+                    out = model.server_forward(received, mask)
+                    nbytes, ntok = _request_bytes(codes_np, keep.numpy(), enc, header)
+                    acc = outs.setdefault((width, enc, mass, budget), ([], [], []))
+                    acc[0].append(_score(task, out, full, labels))
                     acc[1].append(nbytes)
                     acc[2].append(ntok)
     configs = {k: tuple(np.concatenate(v) for v in vals) for k, vals in outs.items()}
-    return Simulation(np.asarray(labels), np.concatenate(conf), np.concatenate(exit_pred),
-                      np.concatenate(full_pred), configs)
+    cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
+    return Simulation(cat(labels_all), np.concatenate(conf), np.concatenate(exit_c), np.concatenate(full_c), configs,
+                      cat(exit_p), cat(full_p))
 
 
 def _outcome(sim: Simulation, key, threshold: float) -> dict:
-    split_pred, nbytes, ntok = sim.configs[key]
+    split_correct, nbytes, ntok = sim.configs[key]
     exits = sim.confidence >= threshold
-    pred = np.where(exits, sim.exit_pred, split_pred)
+    correct = np.where(exits, sim.exit_correct, split_correct)
     off = ~exits
     return {
-        "accuracy": float((pred == sim.labels).mean()),
+        "accuracy": float(correct.mean()),
         "exit_rate": float(exits.mean()),
         "mean_bytes_per_request": float(np.where(off, nbytes, 0).mean()),
         "mean_bytes_per_offload": float(nbytes[off].mean()) if off.any() else 0.0,
@@ -141,14 +179,13 @@ def robust_threshold(sim: Simulation, key, max_accuracy_drop: float) -> float:
     """Lowest threshold t such that every threshold >= t keeps the accuracy within
     ``max_accuracy_drop`` of the full model's (scan down from "never exit", stop at the first failure),
     so one lucky low threshold is not chosen."""
-    target = float((sim.full_pred == sim.labels).mean()) - max_accuracy_drop
+    target = sim.accuracy_full - max_accuracy_drop
     candidates = np.unique(np.r_[sim.confidence, NEVER_EXIT])
     chosen = candidates[-1]
-    split_pred = sim.configs[key][0]
+    split_correct = sim.configs[key][0]
     order = np.argsort(sim.confidence, kind="stable")
-    # accuracy as a function of threshold, vectorised: inputs below t use split_pred
-    correct_exit = (sim.exit_pred == sim.labels)[order]
-    correct_split = (split_pred == sim.labels)[order]
+    correct_exit = sim.exit_correct[order]
+    correct_split = split_correct[order]
     conf_sorted = sim.confidence[order]
     n = len(order)
     cum_split = np.r_[0, np.cumsum(correct_split)]
@@ -156,19 +193,21 @@ def robust_threshold(sim: Simulation, key, max_accuracy_drop: float) -> float:
     for t in candidates[::-1]:
         below = int(np.searchsorted(conf_sorted, t, side="left"))  # offloaded count
         acc = (cum_split[below] + cum_exit_rev[below]) / n
-        if acc < target:
+        if acc < target - 1e-12:
             break
         chosen = t
     return float(chosen)
 
 
-def points_for(sim: Simulation, space: SweepSpace, max_accuracy_drop: float) -> list[dict]:
-    """Every measured point: the calibrated (robust) threshold of each config plus the fixed grid."""
+def points_for(sim: Simulation, space: SweepSpace, max_accuracy_drop: float, can_exit: bool = True) -> list[dict]:
+    """Every measured point: the calibrated (robust) threshold of each config plus the fixed grid
+    (only "never exit" for models that cannot exit)."""
     points = []
     for key in sim.configs:
         w, enc, mass, budget = key
-        calibrated = robust_threshold(sim, key, max_accuracy_drop)
-        for t in sorted(set(space.thresholds) | {calibrated}):
+        calibrated = robust_threshold(sim, key, max_accuracy_drop) if can_exit else NEVER_EXIT
+        grid = set(space.thresholds) if can_exit else {NEVER_EXIT}
+        for t in sorted(grid | {calibrated}):
             points.append({
                 "width": w, "encoding": enc, "mass": mass, "budget": budget, "group_size": 0,
                 "threshold": round(float(t), 6), "calibrated": bool(t == calibrated), **_outcome(sim, key, t),
@@ -176,16 +215,9 @@ def points_for(sim: Simulation, space: SweepSpace, max_accuracy_drop: float) -> 
     return points
 
 
-def pareto_front(points: list[dict]) -> list[dict]:
-    """Points no other point beats on both accuracy (higher) and mean bytes per request (lower),
-    cheapest first."""
-    ordered = sorted(points, key=lambda p: (p["mean_bytes_per_request"], -p["accuracy"]))
-    front, best = [], -1.0
-    for p in ordered:
-        if p["accuracy"] > best:
-            front.append(p)
-            best = p["accuracy"]
-    return front
+def pareto_rows(points: list[dict]) -> list[dict]:
+    """The Pareto front (accuracy up, mean bytes per request down) of measured rows, cheapest first."""
+    return pareto_front(points, accuracy=lambda p: p["accuracy"], cost=lambda p: p["mean_bytes_per_request"])
 
 
 def plot_pareto(points: list[dict], front: list[dict], chosen: dict, path, title: str) -> None:

@@ -1,26 +1,44 @@
-"""Checkpoint -> model folder: calibrate, export both halves, verify them, write the manifest."""
+"""Any :class:`SplitModel` -> a model folder: calibrate, measure operating points, export both
+halves, verify them, add the INT8 half and the zstd dictionary, write the manifest. One path for
+every adapter (built-in ViT, timm, Hugging Face) and task.
+
+    folder/
+      manifest.json            the typed schema of splitinfer.protos.manifest
+      device.onnx, server.onnx the halves (graph names in splitinfer.protos.graphs)
+      device.int8.onnx         with --quantize int8
+      zstd.dict                a dictionary for int8/int4 token payloads
+      tokenizer.json           text models
+      operating_points.json, pareto.png   the whole measured table and its plot
+"""
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime
+import torch
 
-from ..protos.manifest import sha256_file, write_manifest
-from .operating_points import (COMPRESSION, SCALE_DTYPE, SweepSpace, pareto_front, plot_pareto, points_for,
-                               simulate_configs)
-from .data import ClutterConfig, make_split
-from .model import SplitViT
-from .onnx_export import IR_VERSION_FOR_OPSET, export_device_half, export_server_half, verify_parity
-from .preprocess import preprocessing_spec
-from .train import load_checkpoint
+from ..protos import graphs
+from ..protos.manifest import (Calibration, CodecSpec, ExitSpec, FileRef, InputSpec, Manifest, SelectionSpec,
+                               TokenSpec, sha256_file, write_manifest)
+from ..protos.points import OperatingPoint
+from .adapters.split import SplitModel
+from .datasets import Dataset
+from .halves import IR_VERSION_FOR_OPSET, export_halves, verify_parity
+from .operating_points import COMPRESSION, NEVER_EXIT, SCALE_DTYPE, SweepSpace, pareto_rows, plot_pareto, \
+    points_for, simulate_configs
 
-__all__ = ["ExportOptions", "export_model", "export_split_model"]
+__all__ = ["ExportOptions", "export_split_model", "export_checkpoint", "train_zstd_dictionary"]
 
 log = logging.getLogger(__name__)
+
+POINT_FIELDS = ("threshold", "mass", "budget", "encoding", "group_size", "accuracy", "exit_rate",
+                "mean_bytes_per_request", "mean_bytes_per_offload", "mean_tokens_per_offload")
 
 
 @dataclass(frozen=True)
@@ -30,26 +48,28 @@ class ExportOptions:
     The default operating point is the one with the fewest mean bytes per request among the
     measured points whose calibration accuracy is within ``max_accuracy_drop`` of the most
     accurate measured point. bottleneck: the learned bottleneck width to deploy: "auto" (the width,
-    or none, of that point), "none", or a trained width. encoding: the token encoding of the default point ("auto" chooses like the
-    bottleneck). mass / budget: token selection of the default point ("auto" chooses too).
+    or none, of that point), "none", or a trained width. encoding: the token encoding of the
+    default point ("auto" chooses like the bottleneck). mass / budget: token selection of the
+    default point ("auto" chooses too). quantize "int8": also write device.int8.onnx.
     """
 
-    name: str = "vit-cluttered-mnist"
+    name: str = "model"
     opset: int = 17
-    mass: float | str = "auto"  # share of the importance mass the edge keeps
-    budget: int | str = "auto"  # most patches the edge sends (CLS comes on top)
-    max_accuracy_drop: float = 0.002  # the default point is the cheapest within this of the most accurate point
+    mass: float | str = "auto"
+    budget: int | str = "auto"
+    max_accuracy_drop: float = 0.002
     calibration_size: int | None = None
     bottleneck: int | str = "auto"
     encoding: str = "auto"
-    quantize: str | None = None  # "int8": also write device.int8.onnx (export/quantize.py)
-    zstd_dictionary_bytes: int = 1024  # train a zstd dictionary of this size on calibration packets (0: none)
+    quantize: str | None = None
+    zstd_dictionary_bytes: int = 1024
     sweep: SweepSpace = SweepSpace()
     plot: bool = True
+    atol: float = 1e-4
 
     def __post_init__(self) -> None:
-        if not self.name or any(c.isspace() for c in self.name):
-            raise ValueError(f"name must be non-empty without spaces, got {self.name!r}")
+        if not self.name or any(c.isspace() for c in self.name) or len(self.name) > 200:
+            raise ValueError(f"name must be 1-200 characters without spaces, got {self.name!r}")
         if self.opset not in IR_VERSION_FOR_OPSET:
             raise ValueError(f"opset must be one of {sorted(IR_VERSION_FOR_OPSET)}, got {self.opset}")
         if self.mass != "auto" and not (isinstance(self.mass, (int, float)) and 0.0 < self.mass <= 1.0):
@@ -69,9 +89,10 @@ class ExportOptions:
         if self.zstd_dictionary_bytes and self.zstd_dictionary_bytes < 256:
             raise ValueError(f"zstd_dictionary_bytes must be 0 or >= 256, got {self.zstd_dictionary_bytes}")
 
-    def space_for(self, model: SplitViT) -> SweepSpace:
-        """The sweep restricted to what the options pin down."""
-        trained = (None, *model.cfg.bottleneck_dims)
+    def space_for(self, model: SplitModel) -> SweepSpace:
+        """The sweep restricted to what the options pin down; ValueError for an option the model
+        cannot take (a bottleneck width it was not trained with)."""
+        trained = (None, *model.bottleneck_widths)
         if self.bottleneck == "auto":
             widths = trained
         elif self.bottleneck == "none":
@@ -82,187 +103,173 @@ class ExportOptions:
         s = self.sweep
         selections = tuple((float(self.mass) if self.mass != "auto" else m, int(self.budget) if self.budget != "auto" else b)
                            for m, b in s.selections)
-        return SweepSpace(
-            widths=widths,
-            encodings=s.encodings if self.encoding == "auto" else (self.encoding,),
-            selections=tuple(dict.fromkeys(selections)),
-            thresholds=s.thresholds,
-        )
+        return SweepSpace(widths=widths, encodings=s.encodings if self.encoding == "auto" else (self.encoding,),
+                          selections=tuple(dict.fromkeys(selections)), thresholds=s.thresholds)
 
 
-def export_model(checkpoint: Path, out_dir: Path, options: ExportOptions = ExportOptions()) -> dict:
-    """Load a checkpoint written by ``splitinfer-export train`` and export it (see export_split_model)."""
-    model, summary = load_checkpoint(checkpoint)
-    clutter = ClutterConfig(**summary["clutter"]) if "clutter" in summary else ClutterConfig()
-    return export_split_model(model, out_dir, options, clutter=clutter, version=sha256_file(checkpoint)[:12])
+def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions, calibration: Dataset) -> Manifest:
+    """Write the model folder (see the module docstring) and return its manifest.
 
-
-def export_split_model(model: SplitViT, out_dir: Path, options: ExportOptions = ExportOptions(),
-                       clutter: ClutterConfig = ClutterConfig(), version: str = "0") -> dict:
-    """Write ``out_dir/{device.onnx, server.onnx, manifest.json, operating_points.json, pareto.png}``.
-
-    Measures the operating-point table on the calibration split, deploys the bottleneck width of
-    the cheapest calibrated point within the accuracy target, exports and verifies both halves,
-    times them in ONNX Runtime, and returns the manifest dict.
+    Measures the operating-point table on ``calibration``, deploys the bottleneck width of the
+    cheapest calibrated point within the accuracy target, exports and verifies both halves, times
+    them in ONNX Runtime, and writes the manifest last (a folder without one is not a model).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
+    (out_dir / "manifest.json").unlink(missing_ok=True)
     model.eval()
-
-    cal_x, cal_y = make_split("calibration", n=options.calibration_size, config=clutter)
+    backbone = model.backbone
+    task, kind = backbone.task, backbone.input_kind
+    if calibration.kind != kind:
+        raise ValueError(f"calibration data {calibration.name} is {calibration.kind} data; the model reads {kind}")
+    if task == "classification" and calibration.class_names is not None and \
+            len(calibration.class_names) != backbone.output_dim:
+        raise ValueError(f"calibration data has {len(calibration.class_names)} classes, the model "
+                         f"{backbone.output_dim}")
+    data = calibration.take(options.calibration_size)
     space = options.space_for(model)
     header = {"model": options.name, "manifest_sha256": "0" * 64, "request_id": "0" * 32}
-    sim = simulate_configs(model, cal_x, cal_y, space, header)
-    points = points_for(sim, space, options.max_accuracy_drop)
-    accuracy_full = float((sim.full_pred == sim.labels).mean())
+    sim = simulate_configs(model, data, space, header)
+    points = points_for(sim, space, options.max_accuracy_drop, can_exit=task == "classification")
     target = max(p["accuracy"] for p in points) - options.max_accuracy_drop
     chosen = min((p for p in points if p["accuracy"] >= target),
-                 key=lambda p: (p["mean_bytes_per_request"], -p["accuracy"]))
+                 key=lambda p: (p["mean_bytes_per_request"], -p["accuracy"], p["threshold"]))
     width = chosen["width"]
-    log.info("calibration on %d canvases: full accuracy %.4f; default point %s", len(cal_x), accuracy_full,
+    log.info("calibration on %d inputs: full accuracy %.4f; default point %s", len(data), sim.accuracy_full,
              {k: chosen[k] for k in ("width", "encoding", "mass", "budget", "threshold", "accuracy", "exit_rate",
                                      "mean_bytes_per_request")})
 
-    device_path, server_path = out_dir / "device.onnx", out_dir / "server.onnx"
-    export_device_half(model, device_path, options.opset, bottleneck=width)
-    export_server_half(model, server_path, options.opset, bottleneck=width)
-    parity = verify_parity(model, device_path, server_path, bottleneck=width)
-    timings = time_halves(device_path, server_path, cfg, chosen["mean_tokens_per_offload"] or 1 + cfg.num_patches)
-    int8 = None
+    device_path, server_path = export_halves(model, out_dir, options.opset, width)
+    parity = verify_parity(model, device_path, server_path, width, atol=options.atol)
+    timings = time_halves(device_path, server_path, data, chosen["mean_tokens_per_offload"] or data_tokens(data))
+    files = {"device": _ref(device_path), "server": _ref(server_path)}
+    info: dict = {"architecture": backbone.manifest_fields().get("architecture", {}),
+                  "onnx": {"opset": options.opset, "ir_version": IR_VERSION_FOR_OPSET[options.opset],
+                           "checked_with_onnxruntime": onnxruntime.__version__},
+                  "parity_max_abs_diff": parity, "timings": timings}
+    auto_choice = "float"
     if options.quantize == "int8":
-        from .preprocess import normalize
-        from .quantize import add_int8_device_half
+        from .quantize import INT8_FILE, add_int8_device_half
 
-        int8 = add_int8_device_half(out_dir, device_path, server_path, normalize(cal_x), cal_y, chosen["threshold"],
-                                    chosen["mass"], chosen["budget"])
+        int8 = add_int8_device_half(out_dir, device_path, server_path, data, task, chosen)
+        files["device_int8"] = _ref(out_dir / INT8_FILE)
+        auto_choice, info["device_variants"] = int8["auto_choice"], int8["info"]
 
     deployed = [p for p in points if p["width"] == width]
-    front = pareto_front(deployed)
+    front = pareto_rows(deployed)
     if chosen not in front:
         front = sorted([*front, chosen], key=lambda p: p["mean_bytes_per_request"])
-    manifest_points = []
-    for i, p in enumerate(front):
-        manifest_points.append({"id": f"p{i}", **{k: p[k] for k in POINT_FIELDS}, **timings})
-        if p is chosen:
-            default_id = f"p{i}"
+    table = [OperatingPoint(id=f"p{i}", **{k: p[k] for k in POINT_FIELDS}, **timings) for i, p in enumerate(front)]
+    default_id = table[front.index(chosen)].id
     (out_dir / "operating_points.json").write_text(json.dumps(
-        {"accuracy_full": accuracy_full, "target": target, "deployed_width": width, "points": points}, indent=1) + "\n")
+        {"accuracy_full": sim.accuracy_full, "target": target, "deployed_width": width, "points": points}, indent=1) + "\n")
     if options.plot:
         plot_pareto(points, front, chosen, out_dir / "pareto.png",
-                    f"{options.name}: {len(points)} operating points on {len(cal_x)} calibration canvases")
-    print_front(manifest_points, default_id, width, cfg.dim)
+                    f"{options.name}: {len(points)} operating points on {len(data)} calibration inputs")
+    print_front(table, default_id, width, backbone.dim)
 
-    codec = {"encoding": chosen["encoding"], "compression": COMPRESSION, "group_size": 0, "scale_dtype": SCALE_DTYPE}
     if options.zstd_dictionary_bytes and chosen["encoding"] in ("int8", "int4"):
         import zstandard
 
         try:
-            codec["zstd_dictionary"] = train_zstd_dictionary(model, cal_x, chosen, width, out_dir,
-                                                             options.zstd_dictionary_bytes)
+            entry = train_zstd_dictionary(model, data, chosen, width, out_dir, options.zstd_dictionary_bytes)
+            files["zstd_dictionary"] = _ref(out_dir / "zstd.dict")
+            info["zstd_dictionary"] = entry
         except zstandard.ZstdError as exc:  # too few or too uniform samples to learn from
             log.warning("no zstd dictionary: %s", exc)
+    if kind == "text":
+        src = Path(backbone.folder) / "tokenizer.json"
+        shutil.copyfile(src, out_dir / "tokenizer.json")
+        files["tokenizer"] = _ref(out_dir / "tokenizer.json")
 
-    wire_dim = width or cfg.dim
-    manifest = {
-        "name": options.name,
-        "version": version,
-        "architecture": {"kind": "splitinfer-vit", **cfg.to_dict()},
-        "split": cfg.split,
-        "onnx": {"opset": options.opset, "ir_version": IR_VERSION_FOR_OPSET[options.opset],
-                 "exported_with_onnxruntime_check": onnxruntime.__version__},
-        "files": {
-            "device": {"path": device_path.name, "sha256": sha256_file(device_path),
-                       "inputs": {"image": "float32 (B, C, H, W)"},
-                       "outputs": {"exit_logits": "float32 (B, K)", "tokens": f"float32 (B, N, {wire_dim})",
-                                   "importance": "float32 (B, P)"}},
-            "server": {"path": server_path.name, "sha256": sha256_file(server_path),
-                       "inputs": {"tokens": f"float32 (B, T, {wire_dim}), CLS first", "mask": "bool (B, T), True = real"},
-                       "outputs": {"logits": "float32 (B, K)"}},
-        },
-        "preprocessing": preprocessing_spec(cfg.image_size),
-        "tokens": {"dim": wire_dim, "model_dim": cfg.dim, "grid": cfg.grid, "num_patches": cfg.num_patches,
-                   "num_tokens": 1 + cfg.num_patches, "cls_position": 0},
-        "bottleneck": None if width is None else {"width": width, "ratio": width / cfg.dim},
-        "classes": [str(i) for i in range(cfg.num_classes)],
-        "exit": {"score": "max_softmax", "threshold": chosen["threshold"]},
-        "selection": {"method": "importance_mass", "mass": chosen["mass"], "budget": chosen["budget"], "min_tokens": 1},
-        "codec": codec,
-        "calibration": {
-            "canvases": len(cal_x), "accuracy_full": accuracy_full, "accuracy_split": chosen["accuracy"],
-            "exit_rate": chosen["exit_rate"], "mean_patches_offloaded": max(chosen["mean_tokens_per_offload"] - 1, 0.0),
-            "mean_bytes_per_request": chosen["mean_bytes_per_request"],
-            "mean_bytes_per_offload": chosen["mean_bytes_per_offload"],
-            "max_accuracy_drop": options.max_accuracy_drop, "clutter": asdict(clutter),
-        },
-        "operating_points": manifest_points,
-        "default_operating_point": default_id,
-        "timings": timings,
-        "parity_max_abs_diff": parity,
-    }
-    if int8 is not None:
-        manifest["files"]["device_int8"] = {**manifest["files"]["device"], **int8["file"],
-                                            "sha256": sha256_file(out_dir / int8["file"]["path"])}
-        manifest["device_variants"] = int8["device_variants"]
-    write_manifest(out_dir, manifest)
-    log.info("exported %s to %s in %.1f s", options.name, out_dir, time.perf_counter() - t0)
+    fields = backbone.manifest_fields()
+    if kind == "image":
+        input_spec = InputSpec(kind="image", preprocessing=fields["preprocessing"])
+        num_tokens, grid = int(fields["tokens"]["num_tokens"]), fields["tokens"].get("grid")
+        grid = grid[0] if isinstance(grid, (list, tuple)) and len(set(grid)) == 1 else grid
+        grid = grid if isinstance(grid, int) else None
+    else:
+        input_spec = InputSpec(kind="text", max_length=int(backbone.max_length))
+        num_tokens, grid = int(backbone.max_length), None
+    manifest = Manifest(
+        name=options.name, task=task, split=model.split, input=input_spec,
+        tokens=TokenSpec(dim=width or backbone.dim, model_dim=backbone.dim, num_tokens=num_tokens, grid=grid),
+        classes=tuple(calibration.class_names or backbone.classes()) if task == "classification" else (),
+        exit=ExitSpec("max_softmax", chosen["threshold"]) if task == "classification" else ExitSpec("none", NEVER_EXIT),
+        selection=SelectionSpec(mass=chosen["mass"], budget=chosen["budget"], importance=model.importance),
+        codec=CodecSpec(chosen["encoding"], COMPRESSION, 0, SCALE_DTYPE if chosen["encoding"] in ("int8", "int4") else "fp32"),
+        files=files, operating_points=tuple(table), default_operating_point=default_id,
+        calibration=Calibration(
+            data=calibration.name, n=len(data), accuracy_full=sim.accuracy_full, accuracy_split=chosen["accuracy"],
+            exit_rate=chosen["exit_rate"], mean_bytes_per_request=chosen["mean_bytes_per_request"],
+            mean_bytes_per_offload=chosen["mean_bytes_per_offload"],
+            mean_tokens_per_offload=chosen["mean_tokens_per_offload"], max_accuracy_drop=options.max_accuracy_drop),
+        bottleneck=width, device_auto_choice=auto_choice, info=info,
+    )
+    manifest = write_manifest(out_dir, manifest)
+    log.info("exported %s (version %s) to %s in %.1f s", options.name, manifest.version, out_dir,
+             time.perf_counter() - t0)
     return manifest
 
 
-POINT_FIELDS = ("threshold", "mass", "budget", "encoding", "group_size", "accuracy", "exit_rate",
-                "mean_bytes_per_request", "mean_bytes_per_offload", "mean_tokens_per_offload")
+def _ref(path: Path) -> FileRef:
+    return FileRef(path=Path(path).name, sha256=sha256_file(path))
 
 
-def train_zstd_dictionary(model: SplitViT, images, point: dict, width: int | None, out_dir: Path, size: int) -> dict:
+def data_tokens(data: Dataset) -> int:
+    """All tokens of a typical input (image: the full grid; text: the longest calibration input)."""
+    return 0 if data.kind == "image" else int(data.inputs["attention_mask"].sum(1).max())
+
+
+def train_zstd_dictionary(model: SplitModel, data: Dataset, point: dict, width: int | None, out_dir: Path,
+                          size: int) -> dict:
     """Train a zstd dictionary on the payloads the default point would send for the calibration
-    canvases (first half), measure it on the second half, write ``zstd.dict``; return the manifest entry."""
-    import numpy as np
-    import torch
+    inputs (first half), measure it on the second half, write ``zstd.dict``; return its figures."""
     import zstandard
 
     from ..protos.codec import CodecConfig, encode_tokens
-    from .preprocess import normalize
     from .tokens import select_tokens_mask
 
     config = CodecConfig(point["encoding"], "none", scale_dtype=SCALE_DTYPE)
+    bottleneck = model.bottleneck(width)
     payloads = []
     with torch.no_grad():
-        for start in range(0, len(images), 250):
-            _, tokens, importance = model.device_forward(torch.from_numpy(normalize(images[start:start + 250])))
-            bottleneck = model.bottleneck(width)
+        for inputs, _ in data.batches(250):
+            _, tokens, importance, w = model.device_forward(inputs)
             codes = (tokens if bottleneck is None else bottleneck.encode(tokens)).numpy()
-            keep = select_tokens_mask(importance, point["mass"], point["budget"]).numpy()
-            for row, k in zip(codes, keep):
+            keep = select_tokens_mask(importance, point["mass"], point["budget"])
+            if w is not None:
+                keep = keep & (w[:, 1:] > 0)
+            for row, k in zip(codes, keep.numpy()):
                 positions = np.r_[0, 1 + np.flatnonzero(k)]
                 payloads.append(encode_tokens(row[positions], positions, config).payload)
     half = len(payloads) // 2
-    dictionary = zstandard.train_dictionary(size, payloads[:half])
+    dictionary = zstandard.train_dictionary(size, payloads[:half], threads=1)
     path = out_dir / "zstd.dict"
     path.write_bytes(dictionary.as_bytes())
     plain = zstandard.ZstdCompressor(level=3)
     with_dict = zstandard.ZstdCompressor(level=3, dict_data=dictionary)
     held = payloads[half:]
     mean = lambda c: float(np.mean([min(len(p), len(c.compress(p))) for p in held]))  # noqa: E731
-    entry = {"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+    entry = {"bytes": path.stat().st_size,
              "held_out_mean_payload": {"raw": float(np.mean([len(p) for p in held])), "zstd": mean(plain),
                                        "zstd_dictionary": mean(with_dict)}}
     log.info("zstd dictionary (%d bytes): held-out payload %s", entry["bytes"], entry["held_out_mean_payload"])
     return entry
 
 
-def time_halves(device_path: Path, server_path: Path, cfg, tokens: float, runs: int = 200) -> dict:
-    """Median ONNX Runtime latency (one thread, batch 1) of the device half and of the server half
-    on ``tokens`` tokens, in ms."""
-    import numpy as np
-
+def time_halves(device_path: Path, server_path: Path, data: Dataset, tokens: float, runs: int = 200) -> dict:
+    """Median ONNX Runtime latency (one thread, batch 1) of the device half on a calibration input
+    and of the server half on ``tokens`` of its tokens, in ms."""
     opts = onnxruntime.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     device = onnxruntime.InferenceSession(str(device_path), opts, providers=["CPUExecutionProvider"])
     server = onnxruntime.InferenceSession(str(server_path), opts, providers=["CPUExecutionProvider"])
-    image = np.zeros((1, cfg.in_channels, cfg.image_size, cfg.image_size), np.float32)
-    codes = device.run(None, {"image": image})[1][:, : max(1, int(round(tokens)))]
+    row = data.numpy_rows(slice(0, 1))
+    codes = device.run(None, row)[1]
+    codes = codes[:, : max(1, min(codes.shape[1], int(round(tokens or codes.shape[1]))))]
     mask = np.ones(codes.shape[:2], bool)
 
     def median_ms(fn) -> float:
@@ -275,16 +282,32 @@ def time_halves(device_path: Path, server_path: Path, cfg, tokens: float, runs: 
             samples.append((time.perf_counter() - t) * 1e3)
         return round(float(np.median(samples)), 4)
 
-    return {"device_ms": median_ms(lambda: device.run(None, {"image": image})),
-            "server_ms": median_ms(lambda: server.run(None, {"tokens": codes, "mask": mask}))}
+    return {"device_ms": median_ms(lambda: device.run(None, row)),
+            "server_ms": median_ms(lambda: server.run(None, {graphs.TOKENS: codes, graphs.MASK: mask}))}
 
 
-def print_front(points: list[dict], default_id: str, width, dim: int) -> None:
+def print_front(points: list[OperatingPoint], default_id: str, width, dim: int) -> None:
     """The Pareto front as a table on stdout (the export CLI's intended output)."""
     print(f"\nPareto front, bottleneck {width or dim}/{dim} (calibration split; * = default point)")
     print(f"  {'id':>4} {'thr':>6} {'mass':>5} {'cap':>4} {'enc':>5} {'acc':>7} {'exit':>6} {'B/req':>8} {'B/offl':>8}")
     for p in points:
-        mark = "*" if p["id"] == default_id else " "
-        print(f"{mark} {p['id']:>4} {min(p['threshold'], 9.99):>6.3f} {p['mass']:>5.2f} {p['budget']:>4d} "
-              f"{p['encoding']:>5} {p['accuracy']:>7.4f} {p['exit_rate']:>6.3f} {p['mean_bytes_per_request']:>8.1f} "
-              f"{p['mean_bytes_per_offload']:>8.1f}")
+        mark = "*" if p.id == default_id else " "
+        print(f"{mark} {p.id:>4} {min(p.threshold, 9.99):>6.3f} {p.mass:>5.2f} {p.budget:>4d} "
+              f"{p.encoding:>5} {p.accuracy:>7.4f} {p.exit_rate:>6.3f} {p.mean_bytes_per_request:>8.1f} "
+              f"{p.mean_bytes_per_offload:>8.1f}")
+
+
+def export_checkpoint(checkpoint: Path, out_dir: Path, options: ExportOptions | None = None) -> Manifest:
+    """A checkpoint of ``splitinfer-export train`` (the built-in ViT) through :func:`export_split_model`,
+    calibrated on cluttered MNIST with the clutter it was trained with."""
+    from .adapters.vit import BuiltinViT
+    from .data import ClutterConfig
+    from .datasets import load_dataset
+    from .train import load_checkpoint
+
+    vit, summary = load_checkpoint(checkpoint)
+    clutter = ClutterConfig(**summary["clutter"]) if "clutter" in summary else ClutterConfig()
+    options = options or ExportOptions(name="vit-cluttered-mnist")
+    backbone = BuiltinViT(vit)
+    data = load_dataset("cluttered-mnist", "calibration", backbone, n=options.calibration_size, clutter=clutter)
+    return export_split_model(SplitModel(backbone, vit.cfg.split), out_dir, options, data)

@@ -25,9 +25,11 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader
 
+from ..protos import graphs
 from ..protos.manifest import cpu_signature
-from .onnx_export import IR_VERSION_FOR_OPSET
-from .tokens import fake_quantize_int8, select_tokens_mask, with_cls
+from .datasets import Dataset
+from .halves import IR_VERSION_FOR_OPSET
+from .tokens import select_tokens_mask, with_cls
 
 __all__ = [
     "QUANT_FORMATS", "QuantizeOptions", "quantize_device_half", "evaluate_device_half",
@@ -73,22 +75,21 @@ class QuantizeOptions:
             raise ValueError(f"latency_runs must be >= 10, got {self.latency_runs}")
 
 
-class _CanvasReader(CalibrationDataReader):
-    """Feeds normalized canvases float32 (N, C, H, W) to the calibrator in batches."""
+class _DatasetReader(CalibrationDataReader):
+    """Feeds a Dataset's inputs (the device half's own input names) to the calibrator in batches."""
 
-    def __init__(self, images: np.ndarray, batch_size: int = 50) -> None:
-        self._batches = iter([images[i:i + batch_size] for i in range(0, len(images), batch_size)])
+    def __init__(self, data: Dataset, batch_size: int = 50) -> None:
+        self._batches = iter([data.numpy_rows(slice(i, i + batch_size)) for i in range(0, len(data), batch_size)])
 
     def get_next(self) -> dict | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {"image": batch}
+        return next(self._batches, None)
 
 
-def quantize_device_half(float_path: Path, out_path: Path, calibration: np.ndarray, quant_format: str = "QDQ",
+def quantize_device_half(float_path: Path, out_path: Path, calibration: Dataset, quant_format: str = "QDQ",
                          per_channel: bool = True) -> Path:
     """float device.onnx -> INT8 ``out_path`` (uint8 activations, int8 weights), same opset and IR version.
 
-    calibration: float32 (N, C, H, W), normalized canvases for the activation ranges.
+    calibration: inputs for the activation ranges.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -104,7 +105,7 @@ def quantize_device_half(float_path: Path, out_path: Path, calibration: np.ndarr
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(
-                str(prepared), str(out_path), _CanvasReader(calibration),
+                str(prepared), str(out_path), _DatasetReader(calibration),
                 quant_format=QuantFormat.QDQ if quant_format == "QDQ" else QuantFormat.QOperator,
                 per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
@@ -133,67 +134,81 @@ def _session(path: Path, threads: int = 1) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def evaluate_device_half(device_path: Path, server_path: Path, images: np.ndarray, labels: np.ndarray,
-                         threshold: float, mass: float, budget: int, batch_size: int = 100) -> dict:
-    """The deployed path with this device half in ONNX Runtime, over normalized images (N, C, H, W).
+def evaluate_device_half(device_path: Path, server_path: Path, data: Dataset, task: str, point: dict,
+                         batch_size: int = 100) -> dict:
+    """The deployed path with this device half in ONNX Runtime over ``data``: exit decision at the
+    point's threshold, importance selection, the point's token round trip, the float server half.
 
-    Returns split accuracy, exit rate, the exit head's accuracy, and the mean patches offloaded.
+    Returns split accuracy (agreement with the float whole model for unlabelled data, mean cosine
+    for embedding models), exit rate, the exit head's accuracy, and the mean tokens offloaded.
     """
+    from .operating_points import _sent
+
     device, server = _session(device_path, threads=0), _session(server_path, threads=0)
-    confidence, exit_pred, split_pred, patches = [], [], [], []
-    for start in range(0, len(images), batch_size):
-        exit_logits, tokens, importance = device.run(
-            ["exit_logits", "tokens", "importance"], {"image": images[start:start + batch_size]})
-        probs = torch.from_numpy(exit_logits).softmax(-1)
-        keep = select_tokens_mask(torch.from_numpy(importance), mass, budget)
-        sent = fake_quantize_int8(torch.from_numpy(tokens)).numpy()
-        logits = server.run(["logits"], {"tokens": sent, "mask": with_cls(keep).numpy()})[0]
-        confidence.append(probs.max(-1).values.numpy())
-        exit_pred.append(probs.argmax(-1).numpy())
-        split_pred.append(logits.argmax(-1))
-        patches.append(keep.sum(-1).numpy())
-    confidence, exit_pred = np.concatenate(confidence), np.concatenate(exit_pred)
-    split_pred, patches = np.concatenate(split_pred), np.concatenate(patches)
-    exits = confidence >= threshold
-    pred = np.where(exits, exit_pred, split_pred)
+    out_name = graphs.server_output(task)
+    confidence, exit_score, split_score, kept_tokens = [], [], [], []
+    for start in range(0, len(data), batch_size):
+        rows = slice(start, start + batch_size)
+        exit_out, tokens, importance = device.run(list(graphs.device_outputs(task)), data.numpy_rows(rows))
+        keep = select_tokens_mask(torch.from_numpy(importance), point["mass"], point["budget"])
+        if data.kind == "text":
+            keep = keep & torch.from_numpy(data.numpy_rows(rows)["attention_mask"][:, 1:] > 0)
+        mask = with_cls(keep)
+        sent = _sent(torch.from_numpy(tokens), point["encoding"]).numpy()
+        full_mask = np.ones(tokens.shape[:2], bool) if data.kind == "image" else \
+            data.numpy_rows(rows)["attention_mask"] > 0
+        split = server.run([out_name], {graphs.TOKENS: sent, graphs.MASK: mask.numpy()})[0]
+        full = server.run([out_name], {graphs.TOKENS: tokens, graphs.MASK: full_mask})[0]
+        if task == "classification":
+            probs = torch.from_numpy(exit_out).softmax(-1)
+            labels = data.labels[rows] if data.labels is not None else full.argmax(-1)
+            confidence.append(probs.max(-1).values.numpy())
+            exit_score.append(probs.argmax(-1).numpy() == labels)
+            split_score.append(split.argmax(-1) == labels)
+        else:
+            cos = lambda a, b: (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)  # noqa: E731
+            confidence.append(np.zeros(len(split)))
+            exit_score.append(np.clip(cos(exit_out, full), 0.0, 1.0))
+            split_score.append(np.clip(cos(split, full), 0.0, 1.0))
+        kept_tokens.append(mask.sum(-1).numpy())
+    confidence, exit_score = np.concatenate(confidence), np.concatenate(exit_score).astype(float)
+    split_score, kept_tokens = np.concatenate(split_score).astype(float), np.concatenate(kept_tokens)
+    exits = confidence >= point["threshold"]
     return {
-        "accuracy_split": float((pred == labels).mean()),
+        "accuracy_split": float(np.where(exits, exit_score, split_score).mean()),
         "exit_rate": float(exits.mean()),
-        "accuracy_exit_head": float((exit_pred == labels).mean()),
-        "mean_patches_offloaded": float(patches[~exits].mean()) if (~exits).any() else 0.0,
+        "accuracy_exit_head": float(exit_score.mean()),
+        "mean_tokens_offloaded": float(kept_tokens[~exits].mean()) if (~exits).any() else 0.0,
     }
 
 
-def measure_latency(paths: dict[str, Path], input_shape: tuple[int, ...], runs: int = 200, threads: int = 1,
-                    warmup: int = 10, seed: int = 0) -> dict[str, dict]:
-    """Batch-1 latency of each ONNX file, interleaved run by run so drift hits all alike.
-
-    input_shape: (1, C, H, W). Returns per name {"p50_ms", "p90_ms", "p99_ms"}.
+def measure_latency(paths: dict[str, Path], inputs: dict, runs: int = 200, threads: int = 1,
+                    warmup: int = 10) -> dict[str, dict]:
+    """Batch-1 latency of each ONNX file on ``inputs`` (one row of device-half inputs), interleaved
+    run by run so drift hits all alike. Returns per name {"p50_ms", "p90_ms", "p99_ms"}.
     """
-    x = np.random.default_rng(seed).normal(size=input_shape).astype(np.float32)
     sessions = {name: _session(path, threads) for name, path in paths.items()}
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for i in range(warmup + runs):
         for name, sess in sessions.items():
             t0 = time.perf_counter()
-            sess.run(None, {"image": x})
+            sess.run(None, inputs)
             if i >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: {f"p{q}_ms": round(float(np.percentile(t, q)), 4) for q in (50, 90, 99)} for name, t in times.items()}
 
 
-def add_int8_device_half(out_dir: Path, device_path: Path, server_path: Path, calibration: np.ndarray,
-                         labels: np.ndarray, threshold: float, mass: float, budget: int,
-                         options: QuantizeOptions = QuantizeOptions()) -> dict:
-    """Quantize, evaluate and time; write ``out_dir/device.int8.onnx`` and return the manifest fields.
+def add_int8_device_half(out_dir: Path, device_path: Path, server_path: Path, calibration: Dataset, task: str,
+                         point: dict, options: QuantizeOptions = QuantizeOptions()) -> dict:
+    """Quantize, evaluate and time; write ``out_dir/device.int8.onnx`` and return what the manifest records.
 
-    calibration: normalized canvases float32 (N, C, H, W) of the calibration split with their labels (N,).
-    Returns {"file": {path, quantization}, "device_variants": {...}} for the manifest.
+    calibration: the calibration split; point: the default operating point (threshold, mass,
+    budget, encoding). Returns {"auto_choice": "int8" | "float", "info": {...}}.
     """
     out_dir = Path(out_dir)
-    input_shape = (1, *calibration.shape[1:])
-    ranges = calibration[:options.calibration_canvases]
-    float_eval = evaluate_device_half(device_path, server_path, calibration, labels, threshold, mass, budget)
+    one_row = calibration.numpy_rows(slice(0, 1))
+    ranges = calibration.take(options.calibration_canvases)
+    float_eval = evaluate_device_half(device_path, server_path, calibration, task, point)
     candidates, files = [], {"float": device_path}
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         for fmt in options.formats:
@@ -203,11 +218,11 @@ def add_int8_device_half(out_dir: Path, device_path: Path, server_path: Path, ca
             log.info("quantized the device half (%s, per_channel=%s) in %.1f s", fmt, options.per_channel,
                      time.perf_counter() - t0)
             files[fmt] = path
-            metrics = evaluate_device_half(path, server_path, calibration, labels, threshold, mass, budget)
+            metrics = evaluate_device_half(path, server_path, calibration, task, point)
             eligible = metrics["accuracy_split"] >= float_eval["accuracy_split"] - options.max_accuracy_drop
             candidates.append({"format": fmt, "per_channel": options.per_channel, "bytes": path.stat().st_size,
                                "eligible": bool(eligible), **metrics})
-        latency = measure_latency(files, input_shape, runs=options.latency_runs)
+        latency = measure_latency(files, one_row, runs=options.latency_runs)
         for c in candidates:
             c.update(latency[c["format"]])
         eligible = [c for c in candidates if c["eligible"]]
@@ -222,11 +237,12 @@ def add_int8_device_half(out_dir: Path, device_path: Path, server_path: Path, ca
                  c["format"], c["p50_ms"], float_row["p50_ms"], c["accuracy_split"], float_row["accuracy_split"],
                  c["exit_rate"], float_row["exit_rate"], "" if c["eligible"] else "  [accuracy drop too large]")
     return {
-        "file": {"path": INT8_FILE, "quantization": {
-            "format": best["format"], "per_channel": options.per_channel, "weights": "int8", "activations": "uint8",
-            "method": "static MinMax", "calibration_canvases": len(ranges), "onnxruntime": ort.__version__}},
-        "device_variants": {
-            "evaluated_on": {"split": "calibration", "canvases": len(calibration), "threshold": threshold},
+        "auto_choice": auto_choice,
+        "info": {
+            "quantization": {"format": best["format"], "per_channel": options.per_channel, "weights": "int8",
+                             "activations": "uint8", "method": "static MinMax", "calibration_rows": len(ranges),
+                             "onnxruntime": ort.__version__},
+            "evaluated_on": {"split": "calibration", "rows": len(calibration), "threshold": point["threshold"]},
             "measured_on": {**cpu_signature(), "onnxruntime": ort.__version__, "intra_op_threads": 1,
                             "allow_spinning": False, "runs": options.latency_runs},
             "float": float_row,

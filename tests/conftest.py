@@ -1,45 +1,55 @@
-"""Shared fixtures: real model folders made by the real export pipeline."""
+"""Shared fixtures: the committed tiny model folders (tests/models, made by the real export
+pipeline with scripts/make_test_models.py), and the shipped checkpoint exported when torch is here."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "checkpoints" / "vit-cluttered-mnist.pt"
+MODELS = ROOT / "tests" / "models"
 
 
-def _export_tiny(tmp_path_factory, folder: str, **options) -> Path:
-    """A small random-weight ViT (dim 32, 3 blocks, split after 1, seed 0) exported with the real pipeline."""
-    torch = pytest.importorskip("torch")
-    from splitinfer.export.model import SplitViT, ViTConfig
-    from splitinfer.export.pipeline import ExportOptions, export_split_model
-
-    torch.manual_seed(0)
-    model = SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1)).eval()
-    out = tmp_path_factory.mktemp(folder)
-    export_split_model(model, out, ExportOptions(name="tiny", calibration_size=40, budget=8, **options))
+def _copy(tmp_path_factory, name: str) -> Path:
+    """A private copy of a committed model folder (tests may not change the committed one)."""
+    out = tmp_path_factory.mktemp(name) / name
+    shutil.copytree(MODELS / name, out)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """The tiny ViT's model folder (float device half)."""
-    return _export_tiny(tmp_path_factory, "tiny_model")
+    """The tiny ViT's model folder: random weights (dim 32, 3 blocks, split after 1), float and INT8
+    device halves, a zstd dictionary, a width-8 bottleneck trained-from-nothing (random)."""
+    return _copy(tmp_path_factory, "tiny-image")
 
 
 @pytest.fixture(scope="session")
-def tiny_int8_model_dir(tmp_path_factory) -> Path:
-    """The tiny model of ``tiny_model_dir`` (same weights), exported with an INT8 device half beside the float one."""
-    return _export_tiny(tmp_path_factory, "tiny_int8_model", quantize="int8")
+def tiny_int8_model_dir(tiny_model_dir) -> Path:
+    """The tiny model with its INT8 device half (the same folder)."""
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model_dir(tmp_path_factory) -> Path:
+    """A tiny random 3-class BERT text model folder (tokenizer.json, split after 1)."""
+    return _copy(tmp_path_factory, "tiny-text")
 
 
 @pytest.fixture(scope="session")
 def trained_model_dir(tmp_path_factory) -> Path:
     """The committed checkpoint, exported (what the demo deploys)."""
     pytest.importorskip("torch")
-    from splitinfer.export.pipeline import ExportOptions, export_model
+    from splitinfer.export.pipeline import ExportOptions, export_checkpoint
 
     out = tmp_path_factory.mktemp("trained_model")
-    export_model(CHECKPOINT, out, ExportOptions(calibration_size=200))
+    export_checkpoint(CHECKPOINT, out, ExportOptions(name="vit-cluttered-mnist", calibration_size=200))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _energy_cache(tmp_path_factory, monkeypatch) -> None:
+    """The edge caches its energy reference per model and device: keep each test session's apart."""
+    monkeypatch.setenv("SPLITINFER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

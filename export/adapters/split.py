@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..bottleneck import Bottleneck
 from .base import SplittableModel, UnsupportedModelError, weighted_mean
 
-__all__ = ["SplitModel", "ExitHead", "TokenScorer", "cls_attention_importance", "attention_priors", "top_k_token_mask",
+__all__ = ["SplitModel", "Bottleneck", "ExitHead", "TokenScorer", "cls_attention_importance", "attention_priors", "top_k_token_mask",
            "keep_counts", "IMPORTANCE_KINDS"]
 
 IMPORTANCE_KINDS = ("cls_attention", "learned")
@@ -122,13 +123,16 @@ class TokenScorer(nn.Module):
 
 
 class SplitModel(nn.Module):
-    """backbone cut after ``split`` blocks, plus an exit head and (optionally) a learned scorer.
+    """backbone cut after ``split`` blocks, plus an exit head, (optionally) a learned scorer, and the
+    learned bottlenecks trained for this split (width -> :class:`Bottleneck`; the backbone's own,
+    ``native_bottlenecks(split)``, when it has them, as the built-in ViT does).
 
     keep_ratio: the share of real non-CLS tokens the scorer is conditioned on when exported.
     """
 
     def __init__(self, backbone: SplittableModel, split: int, exit_head: nn.Module | None = None,
-                 scorer: TokenScorer | None = None, importance: str = "cls_attention", keep_ratio: float = 0.25):
+                 scorer: TokenScorer | None = None, importance: str = "cls_attention", keep_ratio: float = 0.25,
+                 bottlenecks: dict[int, Bottleneck] | None = None):
         super().__init__()
         backbone.check()
         if not 1 <= split < backbone.depth:
@@ -146,6 +150,31 @@ class SplitModel(nn.Module):
         self.scorer = scorer
         self.importance = importance
         self.keep_ratio = keep_ratio
+        if bottlenecks is None:
+            bottlenecks = getattr(backbone, "native_bottlenecks", lambda s: {})(split)
+        self.bottlenecks = nn.ModuleDict({str(int(w)): b for w, b in sorted(bottlenecks.items())})
+        for w, b in self.bottlenecks.items():
+            if b.encoder.in_features != backbone.dim or b.encoder.out_features != int(w):
+                raise ValueError(f"bottleneck {w} maps {b.encoder.in_features} -> {b.encoder.out_features}, "
+                                 f"expected {backbone.dim} -> {w}")
+
+    @property
+    def bottleneck_widths(self) -> tuple[int, ...]:
+        return tuple(int(w) for w in self.bottlenecks)
+
+    def bottleneck(self, width: int | None) -> Bottleneck | None:
+        """The bottleneck of ``width`` (None: no bottleneck); ValueError naming the trained widths."""
+        if width is None:
+            return None
+        if str(width) not in self.bottlenecks:
+            raise ValueError(f"this model has no learned bottleneck of width {width}; trained widths: "
+                             f"{list(self.bottleneck_widths) or 'none'}")
+        return self.bottlenecks[str(width)]
+
+    def add_bottleneck(self, width: int) -> Bottleneck:
+        """A fresh bottleneck of ``width`` (to train), registered with the model."""
+        self.bottlenecks[str(int(width))] = Bottleneck(self.backbone.dim, int(width))
+        return self.bottlenecks[str(int(width))]
 
     def device_tokens(self, inputs: dict[str, torch.Tensor]):
         """-> tokens (B, N, d), key_weights (B, N) or None, attention of the last device block."""
@@ -184,6 +213,7 @@ class SplitModel(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The parts the recipe adds: exit head and scorer (the backbone comes from upstream)."""
         state = {f"exit_head.{k}": v for k, v in self.exit_head.state_dict().items()}
+        state.update({f"bottlenecks.{k}": v for k, v in self.bottlenecks.state_dict().items()})
         if self.scorer is not None:
             state.update({f"scorer.{k}": v for k, v in self.scorer.state_dict().items()})
         return state

@@ -53,6 +53,12 @@ class BuiltinViT(SplittableModel):
     def native_exit_head(self, split: int) -> nn.Module | None:
         return _NativeExit(self.model) if split == self.cfg.split else None
 
+    def native_bottlenecks(self, split: int) -> dict:
+        """The bottlenecks trained with the model, which belong to its own split."""
+        if split != self.cfg.split:
+            return {}
+        return {int(w): b for w, b in self.model.bottlenecks.items()}
+
     def embed(self, inputs):
         image = inputs["image"]
         x = self.model.stem(image)  # (B, P, d)

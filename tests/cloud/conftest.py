@@ -30,12 +30,17 @@ def random_tokens(manifest: Manifest, count: int, seed: int = 0) -> tuple[np.nda
     return tokens, positions
 
 
-def copy_model(src: Path, dst: Path, **manifest_changes: object) -> Path:
-    """Copy a model folder and change top-level manifest fields (its manifest sha256 changes too)."""
+def copy_model(src: Path, dst: Path, variant: str | None = None, **manifest_changes: object) -> Path:
+    """Copy a model folder and change top-level manifest fields (its deployment hash and version
+    change with them). variant: make the copy another export of the same model (a slightly
+    different exit threshold, as a re-calibration gives)."""
     shutil.copytree(src, dst)
     path = dst / "manifest.json"
     data = json.loads(path.read_text())
     data.update(manifest_changes)
+    if variant is not None:
+        data["exit"]["threshold"] = max(0.0, data["exit"]["threshold"] - 1e-6 * (1 + sum(map(ord, variant)) % 97))
+    data.pop("version", None)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return dst
 

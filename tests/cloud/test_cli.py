@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from splitinfer.cloud.cli import main
+from splitinfer.protos.manifest import load_manifest
 from splitinfer.protos import splitinfer_pb2_grpc
 
 from .conftest import RPC_TIMEOUT_S, copy_model
@@ -103,7 +104,7 @@ def test_repository_sighup_reload_metrics_and_json_logs(tiny_model_dir: Path, tm
     import json
     import urllib.request
 
-    from splitinfer.protos import sha256_file
+
 
     repository = tmp_path / "repository"
     copy_model(tiny_model_dir, repository / "tiny" / "1")
@@ -113,16 +114,17 @@ def test_repository_sighup_reload_metrics_and_json_logs(tiny_model_dir: Path, tm
     try:
         before, host, port = _read_until_listening(proc, STARTUP_TIMEOUT_S)
         metrics_url = next(line.split()[-1] for line in before if "metrics on" in line)
-        newer = copy_model(tiny_model_dir, repository / "tiny" / "2", version="2")
+        newer = copy_model(tiny_model_dir, repository / "tiny" / "2", variant="2")
         with grpc.insecure_channel(f"{host}:{port}") as channel:
             stub = splitinfer_pb2_grpc.SplitInferenceStub(channel)
             assert stub.Infer(make_request(), timeout=RPC_TIMEOUT_S).request_id == "req-0"
             proc.send_signal(signal.SIGHUP)
-            new_request = make_request(manifest_sha256=sha256_file(newer / "manifest.json"))
+            newer_manifest = load_manifest(newer, need=())
+            new_request = make_request(manifest_sha256=newer_manifest.sha256)
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while True:  # the reload runs in the background; the new version appears when it is done
                 try:
-                    assert stub.Infer(new_request, timeout=RPC_TIMEOUT_S).model_version == "2"
+                    assert stub.Infer(new_request, timeout=RPC_TIMEOUT_S).model_version == newer_manifest.version
                     break
                 except grpc.RpcError as exc:
                     assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from splitinfer.cloud import BatchConfig, ModelRegistry, ModelSource, create_server, find_model_folders
 from splitinfer.cloud.logs import JsonFormatter, TextFormatter
+from splitinfer.protos.manifest import load_manifest
 from splitinfer.protos import sha256_file, splitinfer_pb2_grpc
 
 from .conftest import RPC_TIMEOUT_S, copy_model
@@ -105,20 +106,21 @@ def test_repository_versions_and_reload_without_dropping_in_flight(tiny_model_di
             session.block.set()
             in_flight = stub.Infer.future(make_request(seed=1), timeout=RPC_TIMEOUT_S)
             assert session.entered.wait(RPC_TIMEOUT_S)
-            newer = copy_model(tiny_model_dir, repository / "tiny" / "2", version="2")
+            newer = copy_model(tiny_model_dir, repository / "tiny" / "2", variant="2")
             assert len(find_model_folders(repository)) == 2
             assert server.reload()
             session.release.set()
             assert in_flight.result().request_id == "req-1"  # finished on the model it started on
-            new_sha = sha256_file(newer / "manifest.json")
-            assert stub.Infer(make_request(manifest_sha256=new_sha), timeout=RPC_TIMEOUT_S).model_version == "2"
+            newer_manifest = load_manifest(newer, need=())
+            new_sha = newer_manifest.sha256
+            assert stub.Infer(make_request(manifest_sha256=new_sha), timeout=RPC_TIMEOUT_S).model_version == newer_manifest.version
             assert stub.Infer(make_request(), timeout=RPC_TIMEOUT_S).request_id == "req-0"  # version 1 still served
             (newer / "server.onnx").write_bytes(b"broken")
             (repository / "tiny" / "3").mkdir()
             copy_model(tiny_model_dir, repository / "broken")
             (repository / "broken" / "server.onnx").write_bytes(b"garbage")
             assert not server.reload()  # a bad folder: the old set stays
-            assert stub.Infer(make_request(manifest_sha256=new_sha), timeout=RPC_TIMEOUT_S).model_version == "2"
+            assert stub.Infer(make_request(manifest_sha256=new_sha), timeout=RPC_TIMEOUT_S).model_version == newer_manifest.version
     finally:
         session.release.set()
         server.stop(0).wait()

@@ -33,12 +33,14 @@ def test_other_manifest_is_refused(tiny_registry: ModelRegistry, tiny_manifest, 
 
 
 def test_two_versions_of_a_name_are_served_and_picked_by_sha(tiny_model_dir: Path, tmp_path: Path) -> None:
-    newer = copy_model(tiny_model_dir, tmp_path / "newer", version="2")
+    newer = copy_model(tiny_model_dir, tmp_path / "newer", variant="2")
     registry = ModelRegistry.from_folders([tiny_model_dir, newer])
     by_folder = {m.manifest.folder: m for m in registry.versions("tiny")}
     assert registry.names == ("tiny",) and len(registry) == 2 and set(by_folder) == {tiny_model_dir, newer}
     assert registry.get("tiny", by_folder[tiny_model_dir].manifest.sha256) is by_folder[tiny_model_dir]
-    assert registry.get("tiny", by_folder[newer].manifest.sha256).version == "2"
+    newer_version = by_folder[newer].manifest.version
+    assert newer_version != by_folder[tiny_model_dir].manifest.version
+    assert registry.get("tiny", by_folder[newer].manifest.sha256).version == newer_version
     with pytest.raises(ManifestMismatch, match="differs from the served version"):
         registry.get("tiny", "0" * 64)
 

@@ -262,7 +262,7 @@ def test_health_turns_not_serving_when_the_server_drains(tiny_registry, tiny_man
 # --- several models ---------------------------------------------------------------------------------
 
 def test_two_models_are_routed_by_name(tiny_model_dir: Path, tmp_path: Path, make_request, tiny_manifest) -> None:
-    other_dir = copy_model(tiny_model_dir, tmp_path / "other", name="tiny-b", version="b-1")
+    other_dir = copy_model(tiny_model_dir, tmp_path / "other", name="tiny-b")
     registry = ModelRegistry.from_folders([tiny_model_dir, other_dir])
     other_sha = next(m.manifest.sha256 for m in registry if m.name == "tiny-b")
     assert registry.names == ("tiny", "tiny-b") and other_sha != tiny_manifest.sha256
@@ -273,7 +273,7 @@ def test_two_models_are_routed_by_name(tiny_model_dir: Path, tmp_path: Path, mak
             stub = splitinfer_pb2_grpc.SplitInferenceStub(channel)
             first = stub.Infer(make_request(seed=2), timeout=RPC_TIMEOUT_S)
             second = stub.Infer(make_request(seed=2, model="tiny-b", manifest_sha256=other_sha), timeout=RPC_TIMEOUT_S)
-            assert (first.model_version, second.model_version) == (tiny_manifest.version, "b-1")
+            assert (first.model_version, second.model_version) == (tiny_manifest.version, other_sha[:12])
             np.testing.assert_allclose(first.probabilities, second.probabilities, rtol=1e-6)  # same weights
             assert _call_code(stub, make_request(model="tiny-b")) == grpc.StatusCode.FAILED_PRECONDITION
             for service in ("", "tiny", "tiny-b"):

@@ -61,7 +61,7 @@ def test_edge_through_real_server_matches_local_computation(tiny_model_dir, live
     limits = PacketLimits.for_manifest(manifest)
     for result, request in zip(results, transport.requests):
         assert result.bytes_sent == request.ByteSize() > 0
-        assert 2 <= result.tokens_sent <= manifest.selection_budget + 1
+        assert 2 <= result.tokens_sent <= manifest.selection.budget + 1
         tokens, _ = decode_tokens(request.packet, limits)
         logits = server_half.run(None, {"tokens": tokens[None], "mask": np.ones((1, len(tokens)), bool)})[0][0]
         expected = np.exp(logits - logits.max())
@@ -100,7 +100,7 @@ def test_cli_edge_against_cli_server(tiny_model_dir, canvases, tmp_path):
                 address = match.group(1)
                 break
         assert address, "server did not report its address"
-        edge = subprocess.run([sys.executable, "-m", "splitinfer.edge.cli", "--model", str(tiny_model_dir),
+        edge = subprocess.run([sys.executable, "-m", "splitinfer.edge.cli", "classify", "--model", str(tiny_model_dir),
                                "--server", address, "--threshold", "2", "--json", str(tmp_path)],
                               capture_output=True, text=True, timeout=60)
         assert edge.returncode == 0, edge.stderr
@@ -127,3 +127,43 @@ def test_demo_on_the_shipped_checkpoint(tmp_path):
     assert r["exit_rate"] >= 0.4 and r["degraded_rate"] == 0
     assert 0 < r["mean_bytes_per_offload"] <= r["bytes_fp32_all_tokens"] / 8
     assert r["after_server_stop"]["answered"] == r["after_server_stop"]["n"]
+
+
+@pytest.mark.slow
+def test_two_exports_of_the_shipped_checkpoint_serve_each_other(trained_model_dir, tmp_path):
+    """Exported twice into two folders: a server loaded from the first answers an edge holding the
+    second (the deployment hash ignores export timings), every offload decided on the server."""
+    from splitinfer.export.pipeline import ExportOptions, export_checkpoint
+
+    second = export_checkpoint(ROOT / "checkpoints" / "vit-cluttered-mnist.pt", tmp_path / "again",
+                               ExportOptions(name="vit-cluttered-mnist", calibration_size=200))
+    first = load_manifest(trained_model_dir)
+    assert second.sha256 == first.sha256 and second.version == first.version
+    server, port = create_server(ModelRegistry.from_folders([trained_model_dir]), port=0)
+    server.start()
+    try:
+        images, _ = make_split("test", n=60)
+        with GrpcTransport(f"127.0.0.1:{port}", timeout_s=5.0) as transport:
+            runner = EdgeRunner(DeviceSession.from_manifest(second), transport, second, exit_threshold=2.0)
+            results = runner.classify_many(images)
+    finally:
+        server.stop(0).wait(5)
+    assert [r.decided_on for r in results] == ["server"] * len(images)
+
+
+def test_classify_without_a_server_is_never_labelled_worse_than_the_whole_model(trained_model_dir, tmp_path):
+    """200 test PNGs, no server: every input exits on the device, the energy ratio is <= 1."""
+    from PIL import Image
+
+    images, _ = make_split("test", n=200)
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    proc = subprocess.run([sys.executable, "-m", "splitinfer.edge.cli", "classify", "--model", str(trained_model_dir),
+                           "--device-profile", "laptop", str(folder)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    match = re.search(r"energy label: ([A-G]) \(([0-9.]+) x the whole model", proc.stdout)
+    assert match, proc.stdout[-2000:]
+    assert float(match.group(2)) <= 1.0 and match.group(1) != "G"
+    assert "summary: 200 answered" in proc.stdout and "device 200 (100.0%)" in proc.stdout

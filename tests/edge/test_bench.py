@@ -4,6 +4,8 @@ import json
 
 from splitinfer.edge.bench import BenchSetting, bench_settings, run_bench
 from splitinfer.edge.cli import main
+
+from .test_session import _float_only
 from splitinfer.protos.manifest import load_manifest
 
 
@@ -33,15 +35,16 @@ def test_bench_subcommand_json(tiny_int8_model_dir, capsys):
 
 
 def test_bench_subcommand_table_and_errors(tiny_model_dir, tmp_path, capsys):
+    tiny_model_dir = _float_only(tiny_model_dir, tmp_path / "float-only")
     assert main(["bench", "--model", str(tiny_model_dir), "--n", "8", "--threads", "2", "--spin", "--only-chosen"]) == 0
     out = capsys.readouterr().out
     assert "p50 ms" in out and "float  threads 2  spin on" in out and "<- chosen" in out
-    assert main(["bench", "--model", str(tmp_path), "--n", "8"]) == 2
+    assert main(["bench", "--model", str(tmp_path / "nowhere"), "--n", "8"]) == 2
     assert main(["bench", "--model", str(tiny_model_dir), "--device-half", "int8", "--n", "8"]) == 2
     assert "--quantize int8" in capsys.readouterr().err
 
 
 def test_classify_with_each_device_half(tiny_int8_model_dir, png_folder, capsys):
     for half in ("float", "int8", "auto"):
-        assert main(["--model", str(tiny_int8_model_dir), "--device-half", half, str(png_folder)]) == 0
-        assert "3 classified" in capsys.readouterr().out
+        assert main(["classify", "--model", str(tiny_int8_model_dir), "--device-half", half, str(png_folder)]) == 0
+        assert "3 answered" in capsys.readouterr().out

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from splitinfer.edge.controller import (BudgetController, Constraints, LinkEstimate, LinkMonitor, OperatingPoint,
-                                        RequestCost, default_point, pareto_front)
+from splitinfer.edge.controller import BudgetController, Constraints, LinkEstimate, LinkMonitor, RequestCost
 from splitinfer.edge.energy import EnergyModel
 from splitinfer.edge.runner import EdgeRunner
-from splitinfer.protos.errors import ManifestError
+from splitinfer.protos.codec import CodecConfig
+from splitinfer.protos.points import OperatingPoint, pareto_front
 
 from .test_runner import FakeTransport
 
@@ -55,24 +55,25 @@ def run(controller: BudgetController, n: int, seed: int = 0, bandwidth=None, rtt
     return {"bytes": sent, "chosen": chosen}
 
 
-def test_operating_point_validation_and_manifest(points):
+def test_operating_point_validation_and_round_trip(points):
     with pytest.raises(ValueError, match="encoding"):
         point("t50", encoding="int3")
     with pytest.raises(ValueError, match="mass"):
         point("t50", mass=0.0)
     with pytest.raises(ValueError, match="exit_rate"):
         point("t50", exit_rate=1.5)
-    manifest = SimpleNamespace(data={"operating_points": [{**p.to_dict(), "extra": 1} for p in points],
-                                     "default_operating_point": "t70"})
-    loaded = OperatingPoint.from_manifest(manifest)
-    assert loaded == points and default_point(manifest, loaded).id == "t70"
-    with pytest.raises(ManifestError, match="operating_points"):
-        OperatingPoint.from_manifest(SimpleNamespace(data={}))
-    with pytest.raises(ManifestError, match="bad operating point"):
-        OperatingPoint.from_manifest(SimpleNamespace(data={"operating_points": [{"id": "x"}]}))
+    assert [OperatingPoint.from_dict(p.to_dict()) for p in points] == points
+    with pytest.raises(ValueError, match="unknown operating point field"):
+        OperatingPoint.from_dict({**points[0].to_dict(), "extra": 1})
     dominated = point("t90", id="worse", accuracy=0.90)
     assert [p.id for p in pareto_front([*points, dominated])] == ["never", "t50", "t70", "t90", "always"]
-    assert point("t50", encoding="int4", group_size=32).codec().encoding in ("int4", "int8")
+    assert point("t50", encoding="int4", group_size=32).codec(CodecConfig("int8", "none")).encoding == "int4"
+
+
+def test_an_accuracy_no_point_reaches_is_refused(points):
+    with pytest.raises(ValueError, match="above every operating point"):
+        BudgetController(points, Constraints(min_accuracy=0.99))
+    assert BudgetController(points, Constraints(min_accuracy=0.965)).choose().id == "always"
 
 
 def test_no_constraint_uses_the_default(points):

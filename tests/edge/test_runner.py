@@ -31,7 +31,7 @@ class FakeTransport:
 
 
 def exit_answer(session, manifest, image):
-    logits = session.run(preprocess(image, manifest.preprocessing)).exit_logits[0]
+    logits = session.run(preprocess(image, manifest.preprocessing)).exit[0]
     probs = softmax(logits)
     return int(np.argmax(probs)), probs
 
@@ -86,10 +86,10 @@ def test_manifest_codec_and_fp32_override(device_session, tiny_manifest, images)
     out = device_session.run(preprocess(images[0], tiny_manifest.preprocessing))
     np.testing.assert_array_equal(tokens, out.tokens[0][positions])
     default_codec = EdgeRunner(device_session, None, tiny_manifest).codec
-    assert (default_codec.encoding, default_codec.compression) == (tiny_manifest.encoding, tiny_manifest.compression)
+    assert (default_codec.encoding, default_codec.compression) == (tiny_manifest.codec.encoding, tiny_manifest.codec.compression)
     for key in ("group_size", "scale_dtype"):
-        if key in tiny_manifest.data["codec"]:
-            assert getattr(default_codec, key) == tiny_manifest.data["codec"][key]
+        if key in tiny_manifest.codec.to_json():
+            assert getattr(default_codec, key) == tiny_manifest.codec.to_json()[key]
 
 
 @pytest.mark.parametrize("error", [ServerUnavailable("UNAVAILABLE: connection refused"), RuntimeError("boom")])
@@ -129,15 +129,15 @@ def test_other_image_sizes_are_resized(device_session, tiny_manifest):
 
 def test_policy_defaults_and_validation(device_session, tiny_manifest):
     runner = EdgeRunner(device_session, None, tiny_manifest)
-    assert runner.policy == OffloadPolicy(tiny_manifest.exit_threshold, tiny_manifest.selection_mass,
-                                          tiny_manifest.selection_budget, 1)
+    assert runner.policy == OffloadPolicy(tiny_manifest.exit_threshold, tiny_manifest.selection.mass,
+                                          tiny_manifest.selection.budget, 1)
     with pytest.raises(ValueError, match="exit_threshold"):
         OffloadPolicy(float("nan"), 0.9, 8)
     with pytest.raises(ValueError, match="mass"):
         EdgeRunner(device_session, None, tiny_manifest, mass=0.0)
     with pytest.raises(ValueError, match="budget"):
         EdgeRunner(device_session, None, tiny_manifest, budget=0)
-    with pytest.raises(ValueError, match="one uint8"):
+    with pytest.raises(ValueError, match="an image is uint8"):
         runner.classify(np.zeros((2, 8, 8), np.uint8))
 
 

@@ -54,12 +54,25 @@ def _copy_with_variants(src, dst, **changes):
     shutil.copytree(src, dst)
     data = json.loads((dst / "manifest.json").read_text())
     for key, value in changes.items():
-        data["device_variants"][key] = value
+        data["info"]["device_variants"][key] = value
+        if key == "auto_choice":
+            data["device_auto_choice"] = value
+    data.pop("version")
     (dst / "manifest.json").write_text(json.dumps(data))
     return load_manifest(dst, need=("device",))
 
 
-def test_float_only_folder(tiny_manifest):
+def _float_only(src, dst):
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "manifest.json").read_text())
+    del data["files"]["device_int8"], data["info"]["device_variants"], data["version"]
+    data["device_auto_choice"] = "float"
+    (dst / "manifest.json").write_text(json.dumps(data))
+    return dst
+
+
+def test_float_only_folder(tiny_model_dir, tmp_path):
+    tiny_manifest = load_manifest(_float_only(tiny_model_dir, tmp_path / "float-only"), need=("device",))
     assert choose_device_half(tiny_manifest, "auto").half == "float"
     assert DeviceSession.from_manifest(tiny_manifest, device_half="float").choice.reason == "requested"
     with pytest.raises(ManifestError, match="--quantize int8"):
@@ -75,7 +88,7 @@ def test_int8_half_runs_like_the_float_one(tiny_int8_model_dir, images):
     q = DeviceSession.from_manifest(manifest, device_half="int8")
     assert str(q.path).endswith("device.int8.onnx") and q.choice.half == "int8"
     a, b = f.run(x), q.run(x)
-    assert b.tokens.shape == a.tokens.shape and b.exit_logits.dtype == np.float32
+    assert b.tokens.shape == a.tokens.shape and b.exit.dtype == np.float32
     assert np.corrcoef(a.tokens.ravel(), b.tokens.ravel())[0, 1] > 0.98
 
 
@@ -101,7 +114,7 @@ def test_auto_times_both_halves_on_another_cpu(tiny_int8_model_dir, tmp_path):
 def test_auto_never_picks_an_int8_half_that_lost_accuracy(tiny_int8_model_dir, tmp_path):
     data = json.loads((tiny_int8_model_dir / "manifest.json").read_text())
     manifest = _copy_with_variants(tiny_int8_model_dir, tmp_path / "m", auto_choice="int8",
-                                   int8={**data["device_variants"]["int8"], "eligible": False})
+                                   int8={**data["info"]["device_variants"]["int8"], "eligible": False})
     assert choose_device_half(manifest, "auto").half == "float"
     assert choose_device_half(manifest, "int8").half == "int8"  # the user may still ask for it
 

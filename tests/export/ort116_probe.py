@@ -29,7 +29,7 @@ def main(model_dir: str, inputs: str, out: str, *extra: str) -> None:
     server = ort.InferenceSession(str(manifest.server_path), providers=["CPUExecutionProvider"])
     results["server.logits"] = server.run(["logits"], {"tokens": tokens, "mask": mask})[0]
     for i, path in enumerate(extra):
-        results[f"extra{i}.exit_logits"] = DeviceSession(path).run(x).exit_logits
+        results[f"extra{i}.exit"] = DeviceSession(path).run(x).exit
     runner = EdgeRunner(DeviceSession.from_manifest(manifest), None, manifest)
     results["runner.label"] = np.array(runner.classify(image).label)
     np.savez(out, **results)

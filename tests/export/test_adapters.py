@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from splitinfer.export.adapters import SplitModel, TokenScorer, UnsupportedModelError
-from splitinfer.export.adapters.split import keep_counts, top_k_token_mask
-from splitinfer.export.adapters.split_export import AdapterExportOptions, export_adapter_model
+from splitinfer.export.datasets import Dataset, load_dataset
+from splitinfer.export.pipeline import ExportOptions, export_split_model
 from splitinfer.export.adapters.vit import BuiltinViT
 from splitinfer.export.model import SplitViT, ViTConfig
 from splitinfer.protos import load_manifest
@@ -43,6 +43,17 @@ def make_tiny_hf_folder(folder: Path, model_type: str = "bert", classes: int = 0
     return folder
 
 
+def export_quick(model: SplitModel, out: Path, data: Dataset | None = None, **options):
+    """The one pipeline with a small sweep: random images or docstring sentences as calibration."""
+    backbone = model.backbone
+    if data is None and backbone.input_kind == "image":
+        data = Dataset("random", {"image": backbone.example_inputs(12, seed=1)["image"].numpy()})
+    elif data is None:
+        data = load_dataset("docstrings", "calibration", backbone, n=24)
+    options = {"name": "m", "plot": False, **options}
+    return export_split_model(model, out, ExportOptions(**options), data)
+
+
 def test_builtin_adapter_equals_split_vit():
     torch.manual_seed(0)
     vit = SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1)).eval()
@@ -69,12 +80,12 @@ def test_timm_deit_tiny_split_export_parity(tmp_path):
     image = backbone.example_inputs(2)["image"]
     with torch.no_grad():
         torch.testing.assert_close(backbone({"image": image}), backbone.model(image), atol=1e-4, rtol=1e-4)
-    manifest = export_adapter_model(SplitModel(backbone, split=6), tmp_path / "deit", AdapterExportOptions(name="deit"))
-    parity = manifest["parity_max_abs_diff"]
-    assert max(parity.values()) < 1e-4
+    manifest = export_quick(SplitModel(backbone, split=6), tmp_path / "deit", name="deit", encoding="int8",
+                            zstd_dictionary_bytes=0)
+    assert max(manifest.info["parity_max_abs_diff"].values()) < 1e-4
     m = load_manifest(tmp_path / "deit")
-    assert m.num_tokens == 197 and m.dim == 192 and len(m.classes) == 1000
-    assert manifest["preprocessing"]["color"] == "rgb" and manifest["task"] == "classification"
+    assert m.num_tokens == 197 and m.dim == 192 and len(m.classes) == 1000 and m == manifest
+    assert m.preprocessing["color"] in ("rgb", "RGB") and m.task == "classification"
 
 
 def test_timm_checkpoint_file_is_loaded(tmp_path):
@@ -121,12 +132,11 @@ def test_hf_encoder_equals_transformers_and_onnx(tmp_path, model_type, classes):
             m = inputs["attention_mask"][..., None].float()
             ref = (out.last_hidden_state * m).sum(1) / m.sum(1)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
-    manifest = export_adapter_model(SplitModel(backbone, split=1), tmp_path / "out",
-                                    AdapterExportOptions(name="tiny-text", keep_ratio=0.5))
-    assert max(manifest["parity_max_abs_diff"].values()) < 1e-4
-    assert manifest["input"]["kind"] == "text" and (tmp_path / "out" / "tokenizer.json").is_file()
-    assert manifest["classes"] == ([] if not classes else [f"LABEL_{i}" for i in range(classes)])
-    load_manifest(tmp_path / "out")
+    manifest = export_quick(SplitModel(backbone, split=1), tmp_path / "out", name="tiny-text")
+    assert max(manifest.info["parity_max_abs_diff"].values()) < 1e-4
+    assert manifest.input.kind == "text" and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert list(manifest.classes) == ([] if not classes else [f"LABEL_{i}" for i in range(classes)])
+    assert load_manifest(tmp_path / "out").sha256 == manifest.sha256
 
 
 def test_hf_unsupported_models_are_refused(tmp_path):
@@ -155,23 +165,6 @@ def test_cli_refuses_unsupported_model(tmp_path, capsys):
     assert "model_type 'gpt2' is not supported" in capsys.readouterr().err
 
 
-def test_text_selection_mirror_matches_torch():
-    from splitinfer.edge.text import select_text_tokens
-
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        T = int(rng.integers(2, 30))
-        real = int(rng.integers(1, T + 1))
-        scores = rng.random(T - 1).astype(np.float32)
-        scores[rng.random(T - 1) < 0.2] = 0.5  # ties
-        ratio = float(rng.choice([0.25, 0.5, 0.3, 1.0]))
-        w = torch.zeros(1, T)
-        w[0, :real] = 1
-        k = keep_counts(w, T, 1, ratio) if real > 1 else torch.zeros(1, dtype=torch.long)
-        torch_pos = torch.nonzero(top_k_token_mask(torch.from_numpy(scores)[None], k, w)[0]).flatten().numpy()
-        np.testing.assert_array_equal(select_text_tokens(scores, real, ratio), torch_pos)
-
-
 def test_finetune_trains_scorer_and_exports(tmp_path):
     from splitinfer.export.adapters.hf_bert import load_hf_encoder, tokenize
     from splitinfer.export.finetune import FinetuneConfig, finetune
@@ -187,8 +180,8 @@ def test_finetune_trains_scorer_and_exports(tmp_path):
 
     summary = finetune(model, batches, FinetuneConfig(steps=4, cache_batches=1))
     assert model.importance == "learned" and set(summary["final_loss"]) == {"exit", "scorer"}
-    manifest = export_adapter_model(model, tmp_path / "out", AdapterExportOptions(name="ft", keep_ratio=0.25))
-    assert manifest["selection"]["importance"] == "learned" and max(manifest["parity_max_abs_diff"].values()) < 1e-4
+    manifest = export_quick(model, tmp_path / "out", name="ft")
+    assert manifest.selection.importance == "learned" and max(manifest.info["parity_max_abs_diff"].values()) < 1e-4
 
     labelled = SplitModel(BuiltinViT(SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1))), split=1)
 
@@ -213,7 +206,7 @@ def test_minilm_split_at_3_matches_hugging_face(tmp_path):
     folder = minilm_folder()
     backbone = load_hf_encoder(folder, max_length=128)
     out = tmp_path / "minilm"
-    export_adapter_model(SplitModel(backbone, split=3), out, AdapterExportOptions(name="minilm", keep_ratio=1.0))
+    export_quick(SplitModel(backbone, split=3), out, name="minilm", encoding="fp32", zstd_dictionary_bytes=0)
     texts = ["Split inference runs the first layers on the device.", "Return the value of the named attribute.",
              "A short one."]
     tok = transformers.AutoTokenizer.from_pretrained(str(folder))
@@ -233,7 +226,7 @@ def test_minilm_split_at_3_matches_hugging_face(tmp_path):
         cos = float(emb @ ref[i] / np.linalg.norm(emb) / np.linalg.norm(ref[i]))
         assert cos >= 0.9999 and np.abs(emb - ref[i]).max() < 1e-4, (cos, np.abs(emb - ref[i]).max())
     data = json.loads((out / "manifest.json").read_text())
-    assert data["task"] == "embedding" and data["classes"] == [] and data["output"]["normalize"] is True
+    assert data["task"] == "embedding" and data["classes"] == [] and data["exit"]["score"] == "none"
 
 
 def test_cli_finetune_then_export_with_heads(tmp_path, capsys):
@@ -248,9 +241,34 @@ def test_cli_finetune_then_export_with_heads(tmp_path, capsys):
                  "--max-length", "16", "--batch-size", "4", "--texts", str(texts), "--out", str(heads),
                  "--no-progress"]) == 0
     assert main(["export", "--adapter", "hf", "--hf-model", str(folder), "--split", "1", "--max-length", "16",
-                 "--heads", str(heads), "--keep-ratio", "0.25", "--out", str(tmp_path / "out")]) == 0
+                 "--heads", str(heads), "--budget", "4", "--calibration-size", "16", "--no-plot",
+                 "--out", str(tmp_path / "out")]) == 0
     data = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert data["selection"]["importance"] == "learned" and data["selection"]["keep_ratio"] == 0.25
+    assert data["selection"]["importance"] == "learned" and data["selection"]["budget"] == 4
     assert main(["export", "--adapter", "hf", "--hf-model", str(folder), "--split", "2", "--heads", str(heads),
                  "--out", str(tmp_path / "bad")]) == 2
     assert "trained for split 1" in capsys.readouterr().err
+
+
+def test_cli_text_model_with_int8_and_a_trained_bottleneck(tmp_path, capsys):
+    """A text model gets the whole system: a bottleneck trained by finetune, then export with
+    --quantize int8 --bottleneck W writes the INT8 half, the zstd dictionary and the table."""
+    from splitinfer.export.cli import main
+
+    folder = make_tiny_hf_folder(tmp_path / "hf", "bert", 3)
+    heads = tmp_path / "heads.pt"
+    assert main(["finetune", "--adapter", "hf", "--hf-model", str(folder), "--split", "1", "--max-length", "24",
+                 "--data", "docstrings", "--bottleneck-dims", "8", "--bottleneck-steps", "20", "--no-exit-scorer",
+                 "--out", str(heads), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    assert main(["export", "--adapter", "hf", "--hf-model", str(folder), "--split", "1", "--max-length", "24",
+                 "--heads", str(heads), "--quantize", "int8", "--bottleneck", "8", "--encoding", "int4",
+                 "--data", "docstrings", "--calibration-size", "40", "--out", str(out)]) == 0
+    for name in ("device.int8.onnx", "zstd.dict", "operating_points.json", "pareto.png", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    m = load_manifest(out)
+    assert m.bottleneck == 8 and m.dim == 8 and m.codec.encoding == "int4" and "device_int8" in m.files
+    capsys.readouterr()
+    assert main(["export", "--adapter", "hf", "--hf-model", str(folder), "--split", "1", "--bottleneck", "16",
+                 "--heads", str(heads), "--out", str(tmp_path / "bad")]) == 2
+    assert "no learned bottleneck of width 16" in capsys.readouterr().err

@@ -48,3 +48,43 @@ def test_make_split_sizes():
         ClutterConfig(fragment_size=0)
     with pytest.raises(ValueError, match="train"):
         DigitSplits(train=0)
+
+
+def test_builtin_preprocessing_is_normalize_and_keeps_cluttered_canvases_as_they_are():
+    """The edge's preprocessing of the built-in model equals training's normalize, and its
+    polarity rule leaves every real canvas (bright strokes on black) uninverted."""
+    from splitinfer.edge.preprocess import prepare_images
+    from splitinfer.export.preprocess import builtin_preprocessing, normalize
+
+    x, _ = make_split("calibration")
+    prepared = prepare_images(x, builtin_preprocessing(64))
+    assert not prepared.inverted.any()
+    np.testing.assert_allclose(prepared.pixels, normalize(x), rtol=0, atol=1e-5)
+    paper = prepare_images(255 - x[:50], builtin_preprocessing(64))  # dark digits on white paper
+    assert paper.inverted.all()
+    np.testing.assert_allclose(paper.pixels, normalize(x[:50]), rtol=0, atol=1e-5)
+
+
+def test_load_image_data_names_both_sources(tmp_path):
+    from PIL import Image
+
+    from splitinfer.export.data import load_image_data
+    from splitinfer.export.preprocess import builtin_preprocessing, normalize
+    from splitinfer.protos.preprocessing import ImagePreprocessing
+
+    x, y, classes = load_image_data("cluttered-mnist", builtin_preprocessing(64), "test", n=20)
+    canvases, labels = make_split("test", n=20)
+    np.testing.assert_allclose(x, normalize(canvases), atol=1e-5)
+    assert y.tolist() == labels.tolist() and classes == [str(c) for c in range(10)]
+    rgb = ImagePreprocessing(color="RGB", height=32, width=32, mean=[0.5] * 3, std=[0.5] * 3)
+    assert load_image_data("cluttered-mnist", rgb, "test", n=4)[0].shape == (4, 3, 32, 32)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.fromarray(canvases[i]).save(tmp_path / name / f"{i}.png")
+    x, y, classes = load_image_data(f"imagefolder:{tmp_path}", builtin_preprocessing(64), "train")
+    assert x.shape == (2, 1, 64, 64) and classes == ["a", "b"] and y.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="cluttered-mnist"):
+        load_image_data("cifar10", rgb, "test")
+    with pytest.raises(ValueError, match="n applies"):
+        load_image_data(f"imagefolder:{tmp_path}", rgb, "test", n=5)

@@ -1,15 +1,32 @@
-import json
+"""The one export pipeline: manifest and files, parity, operating points, bottlenecks, the zstd
+dictionary, a deterministic deployment hash, options refused, and the committed test folders."""
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from splitinfer.export.operating_points import Simulation, pareto_front, robust_threshold
+from splitinfer.export.adapters import SplitModel
+from splitinfer.export.adapters.vit import BuiltinViT
+from splitinfer.export.datasets import load_dataset
+from splitinfer.export.halves import ParityError, verify_parity
 from splitinfer.export.model import SplitViT, ViTConfig
-from splitinfer.export.onnx_export import ParityError, verify_parity
+from splitinfer.export.operating_points import Simulation, pareto_rows, robust_threshold
+from splitinfer.export.pipeline import ExportOptions, export_split_model
 from splitinfer.protos import ManifestError, load_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_vit(seed: int = 0, **cfg) -> SplitModel:
+    """The weights of tests/models/tiny-image (scripts/make_test_models.py)."""
+    torch.manual_seed(seed)
+    vit = SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1, **cfg)).eval()
+    return SplitModel(BuiltinViT(vit), 1)
 
 
 def test_manifest_and_files(tiny_model_dir):
@@ -18,8 +35,8 @@ def test_manifest_and_files(tiny_model_dir):
     for path in (m.device_path, m.server_path):
         proto = onnx.load(str(path))
         assert proto.ir_version == 8 and proto.opset_import[0].version == 17
-    data = json.loads((tiny_model_dir / "manifest.json").read_text())
-    assert data["onnx"] == {**data["onnx"], "opset": 17, "ir_version": 8}
+    assert m.info["onnx"]["opset"] == 17 and m.version == m.sha256[:12]
+    assert set(m.files) == {"device", "server", "device_int8", "zstd_dictionary"}
 
 
 def test_tampered_half_is_refused(tiny_model_dir, tmp_path):
@@ -34,16 +51,15 @@ def test_tampered_half_is_refused(tiny_model_dir, tmp_path):
 
 
 def test_onnx_parity_at_several_token_counts(tiny_model_dir):
-    torch.manual_seed(0)  # the same weights the fixture exported
-    model = SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1)).eval()
+    model = tiny_vit(bottleneck_dims=(8,))
     m = load_manifest(tiny_model_dir)
-    worst = verify_parity(model, m.device_path, m.server_path, token_counts=(1, 2, 9, 33, 65), batch_sizes=(1, 4))
+    worst = verify_parity(model, m.device_path, m.server_path, batch_sizes=(1, 4))
     assert worst["device"] < 1e-4 and worst["server"] < 1e-4
     # the check can fail: other weights must not pass against these files
     with torch.no_grad():
-        model.head.bias.add_(0.1)
-    with pytest.raises(ParityError, match="server half"):
-        verify_parity(model, m.device_path, m.server_path, token_counts=(9,), batch_sizes=(1,))
+        model.backbone.model.head.bias.add_(0.1)
+    with pytest.raises(ParityError, match="server"):
+        verify_parity(model, m.device_path, m.server_path, batch_sizes=(1,))
 
 
 def test_padding_mask_equals_unpadded_rows():
@@ -62,10 +78,10 @@ def _simulation(n=1000, seed=0):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, n)
     confidence = rng.random(n)
-    exit_pred = np.where(confidence > 0.6, labels, (labels + 1) % 10)  # wrong below 0.6
+    exit_correct = (confidence > 0.6).astype(float)  # wrong below 0.6
     key = (None, "int8", 0.9, 16)
-    configs = {key: (labels.copy(), np.full(n, 500), np.full(n, 9))}
-    return Simulation(labels, confidence, exit_pred, labels.copy(), configs), key
+    configs = {key: (np.ones(n), np.full(n, 500), np.full(n, 9))}
+    return Simulation(labels, confidence, exit_correct, np.ones(n), configs), key
 
 
 def test_robust_threshold_keeps_accuracy():
@@ -84,37 +100,70 @@ def test_pareto_front_keeps_only_undominated_points():
         {"mean_bytes_per_request": 30.0, "accuracy": 0.97},
         {"mean_bytes_per_request": 40.0, "accuracy": 0.97},  # dominated (same accuracy, more bytes)
     ]
-    front = pareto_front(points)
-    assert [p["mean_bytes_per_request"] for p in front] == [0.0, 10.0, 30.0]
+    assert [p["mean_bytes_per_request"] for p in pareto_rows(points)] == [0.0, 10.0, 30.0]
 
 
 def test_bottleneck_export_parity_and_manifest(tmp_path):
-    from splitinfer.export.pipeline import ExportOptions, export_split_model
-
-    torch.manual_seed(0)
-    model = SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1, bottleneck_dims=(8,))).eval()
-    manifest = export_split_model(model, tmp_path, ExportOptions(name="tiny-bn", calibration_size=20, budget=4,
-                                                                 bottleneck=8, encoding="int4", plot=False))
-    assert manifest["tokens"]["dim"] == 8 and manifest["tokens"]["model_dim"] == 32
-    assert manifest["bottleneck"] == {"width": 8, "ratio": 0.25}
+    model = tiny_vit(bottleneck_dims=(8,))
+    data = load_dataset("cluttered-mnist", "calibration", model.backbone, n=20)
+    manifest = export_split_model(model, tmp_path, ExportOptions(name="tiny-bn", budget=4, bottleneck=8,
+                                                                 encoding="int4", plot=False), data)
+    assert manifest.tokens.dim == 8 and manifest.tokens.model_dim == 32 and manifest.bottleneck == 8
     m = load_manifest(tmp_path)
-    worst = verify_parity(model, m.device_path, m.server_path, token_counts=(1, 3, 17, 65), batch_sizes=(1, 2),
-                          bottleneck=8)
+    worst = verify_parity(model, m.device_path, m.server_path, width=8, batch_sizes=(1, 2))
     assert worst["device"] < 1e-4 and worst["server"] < 1e-4
-    points = manifest["operating_points"]
-    assert points and all(p["encoding"] == "int4" for p in points)
-    assert manifest["default_operating_point"] in {p["id"] for p in points}
-    assert [p["mean_bytes_per_request"] for p in points] == sorted(p["mean_bytes_per_request"] for p in points)
-    with pytest.raises(ValueError, match="no bottleneck of width 16"):
+    points = m.operating_points
+    assert points and all(p.encoding == "int4" for p in points) and m.point().id == m.default_operating_point
+    assert [p.mean_bytes_per_request for p in points] == sorted(p.mean_bytes_per_request for p in points)
+    with pytest.raises(ValueError, match="no learned bottleneck of width 16"):
         ExportOptions(bottleneck=16).space_for(model)
 
 
 def test_zstd_dictionary_shipped_and_verified(tiny_model_dir, tmp_path):
     m = load_manifest(tiny_model_dir)
-    entry = m.data["codec"]["zstd_dictionary"]
-    assert m.zstd_dictionary is not None and len(m.zstd_dictionary) == entry["bytes"]
+    assert m.zstd_dictionary is not None and len(m.zstd_dictionary) == m.info["zstd_dictionary"]["bytes"]
     folder = tmp_path / "m"
     shutil.copytree(tiny_model_dir, folder)
-    (folder / entry["path"]).write_bytes(b"\x00" * entry["bytes"])
+    (folder / "zstd.dict").write_bytes(b"\x00" * 1024)
     with pytest.raises(ManifestError, match="zstd.dict"):
-        load_manifest(folder).zstd_dictionary
+        load_manifest(folder)
+
+
+def test_same_model_same_options_same_hash_other_options_other_version(tmp_path):
+    """The deployment hash covers what the halves compute with, not timings: two exports of the
+    same weights agree; a different option gives a different version."""
+    data = load_dataset("cluttered-mnist", "calibration", tiny_vit().backbone, n=20)
+    options = ExportOptions(name="tiny", budget=8, plot=False)
+    a = export_split_model(tiny_vit(), tmp_path / "a", options, data)
+    b = export_split_model(tiny_vit(), tmp_path / "b", options, data)
+    assert a.sha256 == b.sha256 and a.version == b.version
+    assert a.info["timings"] is not None  # measured, and still outside the hash
+    c = export_split_model(tiny_vit(), tmp_path / "c", ExportOptions(name="tiny", budget=4, plot=False), data)
+    assert c.version != a.version
+
+
+def test_an_option_that_cannot_apply_is_refused(tiny_model_dir, tmp_path, capsys):
+    from splitinfer.export.cli import main
+
+    ckpt = ROOT / "checkpoints" / "vit-cluttered-mnist.pt"
+    out = str(tmp_path / "o")
+    cases = [
+        (["--checkpoint", str(ckpt), "--max-length", "16"], "--max-length"),
+        (["--checkpoint", str(ckpt), "--timm-model", "deit_tiny_patch16_224"], "--timm-model"),
+        (["--checkpoint", str(ckpt), "--bottleneck", "12"], "no learned bottleneck of width 12"),
+        (["--checkpoint", str(ckpt), "--data", "bbcnews"], "this model reads image"),
+        (["--adapter", "timm", "--timm-model", "deit_tiny_patch16_224"], "needs --data"),
+        (["--adapter", "hf"], "needs --hf-model"),
+    ]
+    for args, message in cases:
+        assert main(["export", *args, "--out", out]) == 2, args
+        assert message in capsys.readouterr().err, args
+
+
+@pytest.mark.slow
+def test_committed_test_model_folders_are_current():
+    """tests/models is what scripts/make_test_models.py writes today (else: run it and commit)."""
+    pytest.importorskip("transformers")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_test_models.py"), "--check"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]

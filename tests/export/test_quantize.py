@@ -5,6 +5,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from splitinfer.export.datasets import Dataset
 from splitinfer.export.pipeline import ExportOptions
 from splitinfer.export.quantize import QUANT_FORMATS, QuantizeOptions, quantize_device_half
 from splitinfer.protos import load_manifest
@@ -22,7 +23,7 @@ def test_int8_half_beside_the_float_one(tiny_int8_model_dir):
     assert files["device"]["path"] == "device.onnx" and files["device_int8"]["path"] == "device.int8.onnx"
     int8_path = tiny_int8_model_dir / files["device_int8"]["path"]
     assert files["device_int8"]["sha256"] == sha256_file(int8_path)
-    assert files["device_int8"]["quantization"]["format"] in QUANT_FORMATS
+    assert data["info"]["device_variants"]["quantization"]["format"] in QUANT_FORMATS
     proto = onnx.load(str(int8_path))
     assert proto.ir_version == 8
     assert {o.domain: o.version for o in proto.opset_import}.get("", 17) == 17
@@ -30,7 +31,9 @@ def test_int8_half_beside_the_float_one(tiny_int8_model_dir):
 
 
 def test_manifest_reports_both_halves(tiny_int8_model_dir):
-    variants = json.loads((tiny_int8_model_dir / "manifest.json").read_text())["device_variants"]
+    data = json.loads((tiny_int8_model_dir / "manifest.json").read_text())
+    variants = data["info"]["device_variants"]
+    assert data["device_auto_choice"] == variants["auto_choice"]
     for half in ("float", "int8"):
         row = variants[half]
         assert 0.0 <= row["accuracy_split"] <= 1.0 and 0.0 <= row["exit_rate"] <= 1.0
@@ -48,7 +51,8 @@ def test_manifest_reports_both_halves(tiny_int8_model_dir):
 def test_quantized_outputs_follow_the_float_half(tiny_model_dir, tmp_path, fmt):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 1, 64, 64)).astype(np.float32)
-    out = quantize_device_half(tiny_model_dir / "device.onnx", tmp_path / "q.onnx", x, quant_format=fmt)
+    out = quantize_device_half(tiny_model_dir / "device.onnx", tmp_path / "q.onnx", Dataset("x", {"image": x}),
+                               quant_format=fmt)
     ref, got = _run(tiny_model_dir / "device.onnx", x), _run(out, x)
     assert out.stat().st_size < (tiny_model_dir / "device.onnx").stat().st_size
     for name in ("tokens", "exit_logits"):
@@ -66,4 +70,5 @@ def test_bad_quantize_options():
     with pytest.raises(ValueError, match="quantize"):
         ExportOptions(quantize="int4")
     with pytest.raises(ValueError, match="quant_format"):
-        quantize_device_half("a.onnx", "b.onnx", np.zeros((1, 1, 64, 64), np.float32), quant_format="int4")
+        quantize_device_half("a.onnx", "b.onnx", Dataset("x", {"image": np.zeros((1, 1, 64, 64), np.float32)}),
+                             quant_format="int4")

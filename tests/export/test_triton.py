@@ -54,13 +54,13 @@ def test_options_and_names_are_checked(tiny_model_dir: Path, tmp_path: Path) -> 
     assert "preferred_batch_size: [ 2 ]" in config
 
 
-def test_export_cli_option_writes_the_repository_after_a_successful_export(tiny_model_dir: Path, tmp_path: Path,
-                                                                          capsys) -> None:
-    import argparse
+def test_export_cli_writes_the_repository_after_a_successful_export(tmp_path: Path, capsys) -> None:
+    from splitinfer.export.cli import main
 
-    from splitinfer.export.cli import _write_triton
-
-    args = argparse.Namespace(out=tiny_model_dir, triton=tmp_path / "triton")
-    assert _write_triton(args, 2) == 2 and not args.triton.exists()  # a failed export writes nothing
-    assert _write_triton(args, 0) == 0
-    assert (args.triton / "tiny" / "config.pbtxt").is_file() and "triton_model" in capsys.readouterr().out
+    ckpt = Path(__file__).resolve().parents[2] / "checkpoints" / "vit-cluttered-mnist.pt"
+    base = ["export", "--checkpoint", str(ckpt), "--calibration-size", "20", "--no-plot", "--triton", str(tmp_path / "triton")]
+    assert main([*base, "--bottleneck", "12", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "triton").exists()  # a failed export writes nothing
+    assert main([*base, "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "triton" / "vit-cluttered-mnist" / "config.pbtxt").is_file()
+    assert "triton_model" in capsys.readouterr().out
