@@ -119,8 +119,14 @@ def test_deferral_head_on_tokens_matches_features_and_exports_to_onnx(tmp_path):
 
 
 def test_collect_matches_simulate_configs():
+    """The server's answer on what the edge sends equals the operating-point sweep's, through the
+    built-in ViT's adapter."""
+    from splitinfer.export.adapters.split import SplitModel
+    from splitinfer.export.adapters.vit import BuiltinViT
+    from splitinfer.export.datasets import Dataset
     from splitinfer.export.model import SplitViT, ViTConfig
     from splitinfer.export.operating_points import SweepSpace, simulate_configs
+    from splitinfer.export.preprocess import normalize
 
     torch.manual_seed(0)
     model = SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1)).eval()
@@ -129,8 +135,9 @@ def test_collect_matches_simulate_configs():
     labels = rng.integers(0, 10, 12)
     got = collect(model, images, labels, OffloadSetting(0.8, 8, "int4"), batch_size=5)
     space = SweepSpace(encodings=("int4",), selections=((0.8, 8),), thresholds=(0.5,))
-    sim = simulate_configs(model, images, labels, space, {"model": "m", "manifest_sha256": "0" * 64, "request_id": "0" * 32})
-    np.testing.assert_array_equal(got.server_pred, sim.configs[(None, "int4", 0.8, 8)][0])
+    sim = simulate_configs(SplitModel(BuiltinViT(model), 1).eval(), Dataset("t", {"image": normalize(images)}, labels),
+                           space, {"model": "m", "manifest_sha256": "0" * 64, "request_id": "0" * 32})
+    np.testing.assert_array_equal(got.server_pred == labels, sim.configs[(None, "int4", 0.8, 8)][0] > 0.5)
     np.testing.assert_array_equal(got.full_pred, sim.full_pred)
     np.testing.assert_array_equal(got.exit_pred, sim.exit_pred)
     assert got.features.shape == (12, DeferralHead.feature_count(32, 10))
