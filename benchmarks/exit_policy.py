@@ -193,7 +193,7 @@ def compare(test_set, scores: dict, resamples: int, deployed: str = "deferral_he
         for name, score in policies.items():
             rate, acc = offload_curve(score, exit_ok, server_ok, w)
             at = {f"{d:g}": offload_at_accuracy(rate, acc, acc_full - d) for d in TARGET_DROPS}
-            out["policies"][name] = {"at": at, "curve": np.interp(grid, rate, acc)}
+            out["policies"][name] = {"at": at, "curve": np.interp(grid, rate, acc) - acc_full}  # against the whole model
         return out
 
     point = evaluate(None)
@@ -234,7 +234,7 @@ def compare(test_set, scores: dict, resamples: int, deployed: str = "deferral_he
         report["image"][f"accuracy_full_model-{key}"] = entry
     for name in policies:
         curves = np.array([b["policies"][name]["curve"] for b in boots])
-        report["curves"][name] = {"accuracy": point["policies"][name]["curve"].tolist(),
+        report["curves"][name] = {"accuracy_minus_full_model": point["policies"][name]["curve"].tolist(),
                                   "ci95": [np.percentile(curves, 2.5, 0).tolist(), np.percentile(curves, 97.5, 0).tolist()]}
     report["deployed_policy"] = deployed
     report["learned_vs_max_softmax"] = {name: dominance(policies, name, exit_ok, server_ok) for name in policies
@@ -327,18 +327,19 @@ def plot(report: dict, path: Path) -> None:
         color, ls = styles.get(name, (None, "--"))
         lw = 2.0 if name in styles else 1.0
         label = f"{name} (deployed)" if name == report["deployed_policy"] else name
-        line, = ax.plot(100 * x, c["accuracy"], color=color, ls=ls, lw=lw, label=label)
+        line, = ax.plot(100 * x, 100 * np.asarray(c["accuracy_minus_full_model"]), color=color, ls=ls, lw=lw, label=label)
         if name in styles:
-            ax.fill_between(100 * x, c["ci95"][0], c["ci95"][1], color=line.get_color(), alpha=0.15, lw=0)
+            ax.fill_between(100 * x, 100 * np.asarray(c["ci95"][0]), 100 * np.asarray(c["ci95"][1]),
+                            color=line.get_color(), alpha=0.15, lw=0)
     full = report["accuracy_full_model"]
-    ax.axhline(full, color="grey", lw=0.8, ls=":", label=f"whole model {full:.4f}")
-    for key, entry in report["image"].items():
-        ax.axhline(entry["target_accuracy"], color="grey", lw=0.6, ls="--")
-        ax.annotate(key, (28, entry["target_accuracy"]), fontsize=7, va="bottom", ha="right")
+    ax.axhline(0.0, color="grey", lw=0.8, ls=":", label=f"whole model ({full:.4f})")
+    for d in TARGET_DROPS:
+        ax.axhline(-100 * d, color="grey", lw=0.6, ls="--")
+        ax.annotate(f"whole model - {d:g}", (29.5, -100 * d), fontsize=7, va="bottom", ha="right")
     ax.set_xlim(0, 30)
-    ax.set_ylim(report["accuracy_exit"] - 0.002, max(max(c["accuracy"]) for k, c in curves.items() if k != "offload_rate") + 0.002)
+    ax.set_ylim(100 * (report["accuracy_exit"] - full) - 0.2, 0.6)
     ax.set_xlabel("offload rate (%)")
-    ax.set_ylabel("accuracy (test canvases)")
+    ax.set_ylabel("accuracy - whole model's (points, test canvases)")
     ax.set_title(f"exit policies on {report['n_test']} test canvases (bands: 95% digit bootstrap)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
