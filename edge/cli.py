@@ -28,7 +28,7 @@ from splitinfer.protos.manifest import load_manifest
 
 from .controller import BudgetController, Constraints
 from .energy import DEVICE_PROFILES, LINK_PROFILES, EnergyModel, energy_label, load_energy_file, reference_energy
-from .preprocess import load_image
+from .preprocess import IMAGE_SUFFIXES, image_paths
 from .runner import DECIDED_ON, FAILURES, EdgeResult, EdgeRunner
 from .session import DEVICE_HALVES, DeviceSession, SessionOptions
 from .transport import GrpcTransport
@@ -38,7 +38,6 @@ __all__ = ["main", "build_parser", "classify_paths", "classify_texts", "expand_p
 logger = logging.getLogger(__name__)
 
 PROG = "splitinfer-edge"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 EXIT_MISCONFIGURED = 3
 
 
@@ -161,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def classify_paths(runner: EdgeRunner, paths: Sequence[Path], as_json: bool = False,
                    stats: "_Stats | None" = None) -> int:
     """Classify every image, one line (or JSON object) each, then the summary; 1 if any input failed."""
-    inputs = ((str(path), problem, (lambda path=path: load_image(path))) for path, problem in expand_paths(paths))
+    inputs = ((str(path), problem, (lambda path=path: runner.front_end.load(path)))
+              for path, problem in expand_paths(paths))
     return _answer_all(runner, inputs, as_json, stats or _Stats(runner))
 
 
@@ -207,18 +207,7 @@ def _answer_all(runner: EdgeRunner, inputs: Iterable[tuple[str, str | None, Call
 def expand_paths(paths: Sequence[Path]) -> list[tuple[Path, str | None]]:
     """Files as given; directories -> their image files (.png, .jpg, .jpeg, .webp), sorted.
     Each entry: (path, problem or None)."""
-    out: list[tuple[Path, str | None]] = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
-                out.append((path, f"{path}: no {'/'.join(IMAGE_SUFFIXES)} files in this directory"))
-            out.extend((p, None) for p in found)
-        elif path.exists():
-            out.append((path, None))
-        else:
-            out.append((path, f"{path}: no such file or directory"))
-    return out
+    return image_paths(paths)
 
 
 def _emit_result(where: str, result: EdgeResult, as_json: bool) -> None:

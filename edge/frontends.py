@@ -32,9 +32,15 @@ class ImageFrontEnd:
     kind = "image"
 
     def __init__(self, preprocessing) -> None:
-        from .preprocess import PreprocessSpec
+        from .preprocess import as_preprocessing
 
-        self.spec = preprocessing if isinstance(preprocessing, PreprocessSpec) else PreprocessSpec.from_dict(preprocessing)
+        self.spec = as_preprocessing(preprocessing)
+
+    def load(self, path) -> np.ndarray:
+        """An image file as this model reads it (its colour: gray or RGB)."""
+        from .preprocess import load_image
+
+        return load_image(path, self.spec.color)
 
     def __call__(self, image) -> dict:
         from .preprocess import preprocess

@@ -98,24 +98,24 @@ def load_dataset(spec: str, split: str, backbone, n: int | None = None, seed: in
     if (source in image_sources) != (kind == "image"):
         raise ValueError(f"data {spec!r} is {'image' if source in image_sources else 'text'} data; "
                          f"this model reads {kind}")
-    if source == "cluttered-mnist":
-        from .data import ClutterConfig, make_split
-        from .preprocess import normalize
-
-        clutter = options.get("clutter") or ClutterConfig()
-        images, labels = make_split(split, n=n, config=clutter, seed=seed)
-        return Dataset(f"cluttered-mnist:{split}", {"image": normalize(images)}, labels,
-                       tuple(str(i) for i in range(10)))
-    if source == "imagefolder":
-        if not arg:
-            raise ValueError("imagefolder needs a folder: --data imagefolder:DIR")
+    if source in image_sources:
         from ..protos.preprocessing import ImagePreprocessing
-        from .data import load_imagefolder
+        from .data import load_image_data
 
-        spec_ = ImagePreprocessing.from_dict(backbone.manifest_fields()["preprocessing"])
-        images, labels, names = load_imagefolder(arg, spec_, split, seed=seed)
-        data = Dataset(f"imagefolder:{arg}:{split}", {"image": images}, labels, tuple(names))
-        return data.take(n)
+        if source == "imagefolder" and not arg:
+            raise ValueError("imagefolder needs a folder: --data imagefolder:DIR")
+        pre = ImagePreprocessing.load(backbone.manifest_fields()["preprocessing"])
+        if source == "cluttered-mnist" and options.get("clutter") is not None:
+            from splitinfer.edge.preprocess import preprocess
+
+            from .data import make_split
+
+            canvases, labels = make_split(split, n=n, config=options["clutter"], seed=seed)
+            images, names = preprocess(canvases, pre), [str(c) for c in range(10)]
+        else:
+            images, labels, names = load_image_data(spec, pre, split, seed=seed,
+                                                    n=n if source == "cluttered-mnist" else None)
+        return Dataset(f"{spec}:{split}", {"image": images}, labels, tuple(names)).take(n)
     from .adapters.hf_bert import tokenize
 
     if source == "bbcnews":

@@ -220,29 +220,42 @@ def pareto_rows(points: list[dict]) -> list[dict]:
     return pareto_front(points, accuracy=lambda p: p["accuracy"], cost=lambda p: p["mean_bytes_per_request"])
 
 
-def plot_pareto(points: list[dict], front: list[dict], chosen: dict, path, title: str) -> None:
-    """Accuracy against mean bytes per request, one colour per bottleneck width (PNG)."""
+def plot_pareto(points: list[dict], front: list[dict], chosen: dict, path, title: str,
+                ids: list[str] | None = None) -> None:
+    """Accuracy against mean bytes per request (PNG): one colour per bottleneck width, a marker per
+    encoding (o int8, ^ int4, s fp16, D fp32), the deployed Pareto front with its point ids (``ids``,
+    in ``front`` order), the default point starred. Points that send nothing (every input exits)
+    sit at the left edge, labelled "0 B"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    positive = [p["mean_bytes_per_request"] for p in points if p["mean_bytes_per_request"] > 0]
+    floor = (min(positive) / 2) if positive else 1.0  # where a 0-byte point is drawn on the log axis
+    xof = lambda p: p["mean_bytes_per_request"] if p["mean_bytes_per_request"] > 0 else floor  # noqa: E731
+    markers = {"int8": "o", "int4": "^", "fp16": "s", "fp32": "D"}
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     widths = sorted({p["width"] or 0 for p in points})
-    for w in widths:
-        sel = [p for p in points if (p["width"] or 0) == w]
-        ax.scatter([max(p["mean_bytes_per_request"], 0.5) for p in sel], [p["accuracy"] for p in sel], s=8,
-                   alpha=0.5, label=f"width {w}" if w else "no bottleneck")
-    ax.plot([max(p["mean_bytes_per_request"], 0.5) for p in front], [p["accuracy"] for p in front], "k-", lw=1.2,
-            label="Pareto front (deployed width)")
-    ax.scatter([max(chosen["mean_bytes_per_request"], 0.5)], [chosen["accuracy"]], marker="*", s=160, c="red",
-               zorder=5, label="default point")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, w in enumerate(widths):
+        for enc, marker in markers.items():
+            sel = [p for p in points if (p["width"] or 0) == w and p["encoding"] == enc]
+            if sel:
+                ax.scatter([xof(p) for p in sel], [p["accuracy"] for p in sel], s=14, alpha=0.45, marker=marker,
+                           color=colors[i % len(colors)],
+                           label=f"{'width ' + str(w) if w else 'no bottleneck'}, {enc}")
+    ax.plot([xof(p) for p in front], [p["accuracy"] for p in front], "k-", lw=1.2, label="Pareto front (deployed width)")
+    for k, p in enumerate(front):
+        label = (ids[k] if ids else f"p{k}") + (" (0 B)" if p["mean_bytes_per_request"] == 0 else "")
+        ax.annotate(label, (xof(p), p["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.scatter([xof(chosen)], [chosen["accuracy"]], marker="*", s=180, c="red", zorder=5, label="default point")
     ax.set_xscale("log")
-    ax.set_xlabel("mean bytes per request (log)")
+    ax.set_xlabel("mean bytes per request (log; 0-byte points at the left edge)")
     ax.set_ylabel("accuracy (calibration split)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=6, loc="lower right", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

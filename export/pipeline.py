@@ -166,7 +166,8 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
         {"accuracy_full": sim.accuracy_full, "target": target, "deployed_width": width, "points": points}, indent=1) + "\n")
     if options.plot:
         plot_pareto(points, front, chosen, out_dir / "pareto.png",
-                    f"{options.name}: {len(points)} operating points on {len(data)} calibration inputs")
+                    f"{options.name}: {len(points)} operating points on {len(data)} calibration inputs",
+                    ids=[p.id for p in table])
     print_front(table, default_id, width, backbone.dim)
 
     if options.zstd_dictionary_bytes and chosen["encoding"] in ("int8", "int4"):

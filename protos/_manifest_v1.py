@@ -41,7 +41,13 @@ def upgrade_v1(data: dict, where: Path) -> dict:
     if kind == "text":
         input_spec = {"kind": "text", "max_length": int(input_in.get("max_length", tokens["num_tokens"]))}
     else:
-        input_spec = {"kind": "image", "preprocessing": _need(data, "preprocessing", where)}
+        from .preprocessing import ImagePreprocessing
+
+        try:
+            pre = ImagePreprocessing.load(_need(data, "preprocessing", where)).to_dict()
+        except ValueError as exc:
+            raise ManifestError(f"{where}: {exc}") from exc
+        input_spec = {"kind": "image", "preprocessing": pre}
     sel_in = _need(data, "selection", where)
     num_tokens = int(tokens["num_tokens"])
     if sel_in.get("method") == "top_fraction":  # 0.1's text path kept a share of the real tokens

@@ -16,6 +16,7 @@ as 0.1 computed it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import platform
@@ -143,8 +144,12 @@ class InputSpec(_Section):
     def __post_init__(self) -> None:
         if self.kind not in INPUT_KINDS:
             raise ValueError(f"kind must be one of {INPUT_KINDS}, got {self.kind!r}")
-        if self.kind == "image" and not isinstance(self.preprocessing, Mapping):
-            raise ValueError("an image input needs a preprocessing object")
+        if self.kind == "image":
+            from .preprocessing import ImagePreprocessing
+
+            if isinstance(self.preprocessing, ImagePreprocessing):
+                object.__setattr__(self, "preprocessing", self.preprocessing.to_dict())
+            ImagePreprocessing.load(self.preprocessing)  # validates, naming the bad field
         if self.kind == "text":
             _integer("max_length", self.max_length, 2)
 
@@ -304,7 +309,7 @@ class Manifest:
             raise ManifestError(f"manifest.json: bottleneck {self.bottleneck} must equal tokens.dim {self.tokens.dim}")
 
     # -- identity
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         """The deployment hash (see the module docstring)."""
         if self.format == FORMAT_V1:
@@ -358,10 +363,13 @@ class Manifest:
         return self.exit.threshold
 
     @property
-    def preprocessing(self) -> Mapping:
+    def preprocessing(self):
+        """The image preprocessing (:class:`~splitinfer.protos.preprocessing.ImagePreprocessing`)."""
         if self.input.kind != "image":
             raise ManifestError(f"{self.name} is a {self.input.kind} model: it has no image preprocessing")
-        return self.input.preprocessing
+        from .preprocessing import ImagePreprocessing
+
+        return ImagePreprocessing.load(self.input.preprocessing)
 
     def path(self, role: str) -> Path:
         """The file of ``role`` (device, server, device_int8, tokenizer, zstd_dictionary) in the folder."""

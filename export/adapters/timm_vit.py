@@ -117,19 +117,24 @@ class TimmViT(SplittableModel):
         g = torch.Generator().manual_seed(seed)
         return {"image": torch.randn(batch, self.in_channels, *self.image_size, generator=g)}
 
+    def preprocessing(self):
+        """timm's own eval transform for this model (resolve_data_config), as the edge applies it."""
+        from timm.data import resolve_data_config
+
+        from ...protos.preprocessing import ImagePreprocessing
+
+        return ImagePreprocessing.from_timm(resolve_data_config({}, model=self.model))
+
     def manifest_fields(self) -> dict:
         m = self.model
         cfg = getattr(m, "pretrained_cfg", {}) or {}
         grid = tuple(int(g) for g in m.patch_embed.grid_size)
         h, w = self.image_size
-        mean = [float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))]
-        std = [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
         return {
             "architecture": {"kind": "timm-vit", "timm_name": cfg.get("architecture", type(m).__name__),
                              "dim": self.dim, "depth": self.depth, "heads": int(m.blocks[0].attn.num_heads),
                              "patch_size": [int(p) for p in m.patch_embed.patch_size]},
-            "preprocessing": {"color": "rgb" if self.in_channels == 3 else "grayscale", "height": h, "width": w,
-                              "scale": 1 / 255, "mean": mean, "std": std, "layout": "NCHW"},
+            "preprocessing": self.preprocessing().to_dict(),
             "input": {"kind": "image", "channels": self.in_channels, "height": h, "width": w},
             "tokens": {"dim": self.dim, "grid": list(grid), "num_patches": grid[0] * grid[1],
                        "num_tokens": 1 + grid[0] * grid[1], "cls_position": 0},

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..model import SplitViT
-from ..preprocess import preprocessing_spec
+from ..preprocess import builtin_preprocessing
 from .base import SplittableModel, merge_heads, require, weighted_attention
 
 __all__ = ["BuiltinViT"]
@@ -85,7 +85,7 @@ class BuiltinViT(SplittableModel):
         cfg = self.cfg
         return {
             "architecture": {"kind": "splitinfer-vit", **cfg.to_dict()},
-            "preprocessing": preprocessing_spec(cfg.image_size),
+            "preprocessing": builtin_preprocessing(cfg.image_size).to_dict(),
             "input": {"kind": "image", "channels": cfg.in_channels, "height": cfg.image_size, "width": cfg.image_size},
             "tokens": {"dim": cfg.dim, "grid": cfg.grid, "num_patches": cfg.num_patches,
                        "num_tokens": 1 + cfg.num_patches, "cls_position": 0},

@@ -43,7 +43,7 @@ def test_one_of_two_servers_killed_mid_run_every_request_answered(tiny_model_dir
     manifest = load_manifest(tiny_model_dir)
     session = DeviceSession.from_manifest(manifest)
     rng = np.random.default_rng(0)
-    h, w = manifest.preprocessing["height"], manifest.preprocessing["width"]
+    h, w = manifest.preprocessing.height, manifest.preprocessing.width
     images = rng.integers(0, 256, size=(16, h, w), dtype=np.uint8)
     servers = [_start(tiny_model_dir) for _ in range(2)]
     total, kill_after = 240, 80

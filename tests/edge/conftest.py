@@ -24,7 +24,7 @@ def device_session(tiny_manifest: Manifest) -> DeviceSession:
 @pytest.fixture(scope="session")
 def images(tiny_manifest: Manifest) -> np.ndarray:
     """uint8 (4, H, W): sparse bright strokes on black, like cluttered digits."""
-    h, w = tiny_manifest.preprocessing["height"], tiny_manifest.preprocessing["width"]
+    h, w = tiny_manifest.preprocessing.height, tiny_manifest.preprocessing.width
     rng = np.random.default_rng(0)
     out = np.zeros((4, h, w), dtype=np.uint8)
     for img in out:

@@ -24,9 +24,9 @@ def test_preprocess_matches_manifest_normalization():
 
 def test_preprocess_single_image_gets_batch_axis(tiny_manifest):
     spec = tiny_manifest.preprocessing
-    x = preprocess(np.zeros((spec["height"], spec["width"]), np.uint8), spec)
-    assert x.shape == (1, 1, spec["height"], spec["width"])
-    np.testing.assert_allclose(x, -spec["mean"] / spec["std"], rtol=1e-6)
+    x = preprocess(np.zeros((spec.height, spec.width), np.uint8), spec)
+    assert x.shape == (1, 1, spec.height, spec.width)
+    np.testing.assert_allclose(x, -spec.mean[0] / spec.std[0], rtol=1e-6)
 
 
 def test_preprocess_resizes_other_sizes_bilinear():

@@ -85,7 +85,7 @@ def test_timm_deit_tiny_split_export_parity(tmp_path):
     assert max(manifest.info["parity_max_abs_diff"].values()) < 1e-4
     m = load_manifest(tmp_path / "deit")
     assert m.num_tokens == 197 and m.dim == 192 and len(m.classes) == 1000 and m == manifest
-    assert m.preprocessing["color"] in ("rgb", "RGB") and m.task == "classification"
+    assert m.preprocessing.color == "RGB" and m.task == "classification"
 
 
 def test_timm_checkpoint_file_is_loaded(tmp_path):

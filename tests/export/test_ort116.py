@@ -21,6 +21,7 @@ import pytest
 from splitinfer.edge.preprocess import preprocess
 from splitinfer.edge.runner import EdgeRunner
 from splitinfer.edge.session import DeviceSession
+from splitinfer.export.datasets import Dataset
 from splitinfer.export.quantize import QUANT_FORMATS, quantize_device_half
 from splitinfer.protos.manifest import load_manifest
 
@@ -87,7 +88,8 @@ def test_halves_match_in_ort_1_16_3(tiny_int8_model_dir, tmp_path):
     tokens = rng.normal(size=(3, 9, manifest.dim)).astype(np.float32)
     mask = np.ones((3, 9), dtype=bool)
     mask[1, 6:] = False
-    extra = [quantize_device_half(manifest.device_path, tmp_path / f"{fmt}.onnx", x, quant_format=fmt)
+    extra = [quantize_device_half(manifest.device_path, tmp_path / f"{fmt}.onnx", Dataset("x", {"image": x}),
+                                  quant_format=fmt)
              for fmt in QUANT_FORMATS]
     np.savez(tmp_path / "inputs.npz", x=x, tokens=tokens, mask=mask, image=images[0])
 
@@ -102,8 +104,8 @@ def test_halves_match_in_ort_1_16_3(tiny_int8_model_dir, tmp_path):
     for half in ("float", "int8"):
         new = DeviceSession.from_manifest(manifest, device_half=half).run(x)
         tol = 1e-4 if half == "float" else 0.05 * float(np.abs(new.tokens).max())
-        for name in ("exit_logits", "tokens", "importance"):
-            np.testing.assert_allclose(old[f"{half}.{name}"], getattr(new, name), atol=tol,
+        for name, value in zip(("exit_logits", "tokens", "importance"), new):
+            np.testing.assert_allclose(old[f"{half}.{name}"], value, atol=tol,
                                        err_msg=f"{half} device half, {name}: ORT {ORT_VERSION} vs {ort.__version__}")
     server = ort.InferenceSession(str(manifest.server_path), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(old["server.logits"], server.run(["logits"], {"tokens": tokens, "mask": mask})[0],
