@@ -79,11 +79,13 @@ class DeviceProfile:
     active_w_per_core: float
     idle_w: float = 0.0
     cores: int = 1
+    battery_wh: float = 0.0  # battery capacity in Wh (0: none, e.g. a mains-powered board); see battery.py
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _positive("active_w_per_core", self.active_w_per_core, allow_zero=False)
         _positive("idle_w", self.idle_w)
+        _positive("battery_wh", self.battery_wh)
         if isinstance(self.cores, bool) or not isinstance(self.cores, int) or self.cores < 1:
             raise ValueError(f"cores must be an integer >= 1, got {self.cores!r}")
 

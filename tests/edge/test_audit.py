@@ -1,0 +1,123 @@
+"""The field audit on simulated streams: no false alarm in distribution (at most alpha over
+repetitions), few extra offloads, a shift caught within 500 inputs, recovery when it ends."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from splitinfer.edge.audit import Audit, default_alternative
+
+EXIT_RATE = 0.9  # share of inputs the calibrated policy answers on the device
+P0 = 0.02
+
+
+def run_stream(seed: int, n: int = 10_000, shift: tuple[int, int] | None = None, p_shift: float = 0.3,
+               alpha: float = 0.05, p_true: float = P0):
+    """Drive an Audit the way the edge does. Returns (audit, extra offloads / n, first alarm index,
+    first recovery index after the shift ends, boost seen during the shift)."""
+    rng = np.random.default_rng(seed)
+    audit = Audit(0.02, P0, alpha, rng=np.random.default_rng(10_000 + seed))
+    extra, first_alarm, recovered = 0, None, None
+    for i in range(n):
+        shifted = shift is not None and shift[0] <= i < shift[1]
+        p = p_shift if shifted else p_true
+        if rng.random() >= EXIT_RATE:
+            continue  # offloaded by the calibrated policy anyway: no audit question
+        if audit.alarm:  # offloaded because of the boost: a free comparison
+            audit.record(3, 3 if rng.random() >= p else 5)
+            if not audit.alarm and recovered is None and shift is not None and i >= shift[1]:
+                recovered = i
+            continue
+        if audit.should_audit():
+            extra += 1
+            audit.record(3, 3 if rng.random() >= p else 5)
+            if audit.alarm and first_alarm is None:
+                first_alarm = i
+    return audit, extra / n, first_alarm, recovered
+
+
+def test_in_distribution_no_alarm_and_few_extra_offloads(capsys):
+    runs = [run_stream(seed) for seed in range(100)]
+    false_alarms = sum(a.alarms > 0 for a, *_ in runs) / len(runs)
+    extra = np.array([e for _, e, *_ in runs])
+    with capsys.disabled():
+        print(f"\naudit in distribution: 100 streams of 10,000 inputs, false alarm share {false_alarms:.3f} "
+              f"(alpha 0.05), extra offloads mean {extra.mean():.4f}, p95 {np.percentile(extra, 95):.4f}")
+    assert false_alarms <= 0.05
+    assert extra.mean() <= 0.025
+    assert all(a.audits > 100 for a, *_ in runs)  # the audit really ran
+
+
+def test_false_alarms_stay_below_a_loose_level():
+    """At alpha = 0.5 the test is easy to trip; the share of streams with a false alarm still stays <= alpha,
+    and the bound is not vacuous: a stream whose true rate is above p0 does alarm."""
+    runs = [run_stream(seed, n=4000, alpha=0.5) for seed in range(100)]
+    assert sum(a.alarms > 0 for a, *_ in runs) / len(runs) <= 0.5
+    drifted = [run_stream(seed, n=4000, alpha=0.5, p_true=0.1) for seed in range(20)]
+    assert sum(a.alarms > 0 for a, *_ in drifted) >= 15
+
+
+@pytest.mark.parametrize("p_shift,within", [(0.3, 0.85), (0.6, 0.97)])
+def test_shift_is_flagged_within_500_inputs(p_shift, within, capsys):
+    """At a 2% audit rate a 500-input window holds about 9 audits: at 30% disagreement one stream in
+    25 sees no disagreement at all in them, so 'within 500' cannot hold every time at that rate."""
+    delays = []
+    for seed in range(100):
+        _, _, first, _ = run_stream(1000 + seed, n=4000, shift=(3000, 4000), p_shift=p_shift)
+        delays.append(math.inf if first is None else first - 3000)
+    delays = np.array(delays)
+    share = float((delays <= 500).mean())
+    with capsys.disabled():
+        print(f"\naudit, disagreement {P0} -> {p_shift} at input 3,000: flagged within 500 inputs in {share:.2f} "
+              f"of 100 streams, median delay {np.median(delays):.0f} inputs")
+    assert (delays >= 0).all()  # no alarm before the shift
+    assert share >= within
+    assert np.median(delays) <= 300
+
+
+def test_recovers_when_the_shift_ends():
+    recoveries = []
+    for seed in range(50):
+        audit, _, first, recovered = run_stream(2000 + seed, n=4500, shift=(2000, 4000), p_shift=0.3)
+        assert first is not None and 2000 <= first < 4000
+        recoveries.append(math.inf if recovered is None else recovered - 4000)
+        assert not audit.alarm and audit.threshold_boost == 0.0
+    assert np.percentile(recoveries, 95) <= 300
+
+
+def test_alarm_boosts_to_offloading_everything_and_clears_on_agreement():
+    audit = Audit(0.02, P0, 0.05, rng=0)
+    assert audit.threshold_boost == 0.0 and audit.stricter(0.8) == 0.8
+    up = math.log(default_alternative(P0) / P0)
+    audit.record(1, 2)
+    assert audit.statistic == pytest.approx(up) and audit.disagreements == 1 and audit.audits == 1
+    assert audit.current_rate == 0.5  # evidence building up: audit more
+    while not audit.alarm:
+        audit.record(1, 2)
+    state = audit.state()
+    assert state["alarm"] and state["alarms"] == 1 and state["threshold_boost"] == 1.0
+    assert audit.stricter(0.8) > 1.0 and not audit.should_audit()
+    for _ in range(1000):
+        if not audit.record(4, 4):
+            break
+    assert not audit.alarm and audit.recoveries == 1 and audit.statistic == 0.0
+    assert audit.current_rate == 0.02
+
+
+def test_should_audit_draws_at_the_rate():
+    audit = Audit(0.1, P0, 0.05, rng=np.random.default_rng(3))
+    share = np.mean([audit.should_audit() for _ in range(20_000)])
+    assert share == pytest.approx(0.1, abs=0.01)
+    assert not any(Audit(0.0, P0, 0.05, rng=1).should_audit() for _ in range(100))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"rate": 1.5}, "rate"), ({"rate": -0.1}, "rate"), ({"calibrated_disagreement": 0.0}, "calibrated"),
+    ({"calibrated_disagreement": 1.0}, "calibrated"), ({"alpha": 0.0}, "alpha"), ({"alpha": 1.0}, "alpha"),
+    ({"alternative": 0.01}, "alternative"), ({"alert_level": 0.0}, "alert_level"), ({"alert_rate": 2.0}, "alert_rate"),
+])
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Audit(**{"rate": 0.02, "calibrated_disagreement": P0, "alpha": 0.05, **kwargs})
