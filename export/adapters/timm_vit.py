@@ -123,7 +123,8 @@ class TimmViT(SplittableModel):
 
         from ...protos.preprocessing import ImagePreprocessing
 
-        return ImagePreprocessing.from_timm(resolve_data_config({}, model=self.model))
+        return ImagePreprocessing.from_timm(resolve_data_config({"input_size": (self.in_channels, *self.image_size)},
+                                                                model=self.model))
 
     def manifest_fields(self) -> dict:
         m = self.model
