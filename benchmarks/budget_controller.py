@@ -225,32 +225,44 @@ def best_static(statics: list[dict], points, budget: float, key: str = "mean_byt
 
 
 def plot(path: Path, runs: dict, budgets: dict, window: int = 500) -> None:
+    """Running mean bytes per request of every run with its budget (dotted, same colour, in the
+    legend), windowed accuracy, and the bandwidth trace. Runs that send nothing for a while are
+    drawn from their first byte (a log axis has no zero)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(10, 10), sharex=True)
+    fig, axes = plt.subplots(3, 1, figsize=(10, 11), sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
     for c, (name, run) in enumerate(runs.items()):
         n = len(run["bytes"])
         t = np.arange(1, n + 1)
-        color = colors[c % len(colors)]
-        axes[0].plot(t, np.cumsum(run["bytes"]) / t, color=color, label=name)
+        color, style = colors[c % len(colors)], styles[c % len(styles)]
+        mean = np.cumsum(run["bytes"]) / t
+        shown = mean > 0
+        axes[0].plot(t[shown], mean[shown], color=color, linestyle=style, linewidth=1.4, label=name)
         if name in budgets:
-            axes[0].axhline(budgets[name], color=color, linestyle=":", linewidth=1)
+            axes[0].axhline(budgets[name], color=color, linestyle=":", linewidth=1.2,
+                            label=f"limit of {name}: {budgets[name]:.1f} B")
         kernel = np.ones(window) / window
-        axes[1].plot(t[window - 1:], np.convolve(run["correct"], kernel, mode="valid"), color=color, label=name)
-    axes[0].set_ylabel("running mean bytes / request")
+        axes[1].plot(t[window - 1:], np.convolve(run["correct"], kernel, mode="valid"), color=color, linestyle=style,
+                     linewidth=1.2, label=name)
+    axes[0].set_ylabel("running mean bytes / request (log)")
     axes[0].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, ncol=2, loc="upper right")
     axes[1].set_ylabel(f"accuracy ({window}-request window)")
+    axes[1].legend(fontsize=7, ncol=3, loc="lower right")
     trace = runs[next(iter(runs))]
-    axes[2].plot(np.arange(1, len(trace["bw"]) + 1), trace["bw"] / 1e6, color="gray")
+    axes[2].plot(np.arange(1, len(trace["bw"]) + 1), trace["bw"] / 1e6, color="gray", label="link bandwidth")
     axes[2].set_yscale("log")
-    axes[2].set_ylabel("bandwidth (Mbit/s)")
+    axes[2].set_ylabel("bandwidth (Mbit/s, log)")
     axes[2].set_xlabel("request")
-    fig.suptitle("Budget controller: bytes budgets and accuracy over time")
+    axes[2].legend(fontsize=7, loc="upper right")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("Budget controller: every run's running mean against its limit, accuracy, and the link")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,8 +3,9 @@
     python scripts/canvases.py write --n 300 --out DIR           # DIR/00000_7.png ..., DIR/labels.csv
     python scripts/canvases.py score --labels DIR/labels.csv host.jsonl emulated.jsonl
 
-``write`` draws the first N canvases of the demo's test split (``make_split("test")``, the same
-seed as the demo). ``score`` prints, per JSON-lines file of ``splitinfer-edge --json``, the accuracy
+``write`` draws N canvases of the demo's test split (``make_split("test")``, the same seed as the
+demo), taking the classes in turn so that every class is there. ``score`` prints, per JSON-lines
+file of ``splitinfer-edge classify --json``, the accuracy
 against the labels and where inputs were decided, and how many answers two runs share.
 """
 from __future__ import annotations
@@ -15,13 +16,19 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def write(n: int, out: Path) -> None:
     from PIL import Image
 
     from splitinfer.export.data import make_split
 
-    images, labels = make_split("test", n=n)
+    images, labels = make_split("test")
+    # every class, in turn: the k-th canvas of each class, then the (k+1)-th, ... (not the first n)
+    by_class = [np.flatnonzero(labels == c) for c in range(10)]
+    order = [idx[k] for k in range(max(map(len, by_class))) for idx in by_class if k < len(idx)][:n]
+    images, labels = images[order], labels[order]
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
@@ -40,7 +47,7 @@ def read_results(path: Path) -> dict[str, dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            results[Path(row["file"]).name] = row
+            results[Path(row.get("input") or row["file"]).name] = row  # 0.1 edges wrote "file"
     return results
 
 

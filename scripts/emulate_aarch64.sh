@@ -133,12 +133,12 @@ log "server on $ADDRESS"
 
 # 8. The same command on the host and under emulation.
 log "host ($(uname -m))"
-"$BIN/splitinfer-edge" --model "$MODEL" --server "$ADDRESS" --device-half "$DEVICE_HALF" -v --json "$EMU_DIR/pngs" \
+"$BIN/splitinfer-edge" classify --model "$MODEL" --server "$ADDRESS" --device-half "$DEVICE_HALF" -v --json "$EMU_DIR/pngs" \
     > "$EMU_DIR/host.jsonl" 2> "$EMU_DIR/host.summary"
 grep -v "^INFO splitinfer.edge.runner" "$EMU_DIR/host.summary"
 log "emulated aarch64 (QEMU_CPU=$QEMU_CPU)"
 t0=$(date +%s.%N)
-guest "$GUEST/venv/bin/splitinfer-edge" --model "$GUEST/model" --server "$ADDRESS" --device-half "$DEVICE_HALF" -v \
+guest "$GUEST/venv/bin/splitinfer-edge" classify --model "$GUEST/model" --server "$ADDRESS" --device-half "$DEVICE_HALF" -v \
     --json "$GUEST/pngs" > "$EMU_DIR/emulated.jsonl" 2> "$EMU_DIR/emulated.summary"
 t1=$(date +%s.%N)
 grep -v "^INFO splitinfer.edge.runner" "$EMU_DIR/emulated.summary"
