@@ -147,7 +147,9 @@ def whole_model_local(manifest, raws, labels, energy) -> tuple[dict, np.ndarray,
         mj.append(meter.mj_between(e0, meter.read()))
         full_ok.append(int(logits[0].argmax()) == y)
         exit_ok.append(int(out.exit[0].argmax()) == y)
-    row = system_row("whole model on the device", full_ok, np.zeros(len(raws)), ms, ms, mj)
+    name = "whole model on the device" + (f" (the deployed halves, bottleneck {manifest.bottleneck})"
+                                          if manifest.bottleneck else "")
+    row = system_row(name, full_ok, np.zeros(len(raws)), ms, ms, mj)
     return row, np.asarray(full_ok), np.asarray(exit_ok)
 
 
@@ -309,8 +311,9 @@ def compare_model(kind: str, model_dir: Path, raws, labels, energy, train_texts=
         match = [p for p in splitinfer if p["accuracy"] >= s["accuracy"] - 1e-9]
         if match:
             best = min(match, key=lambda p: p["mean_bytes_per_request"])
-            s["vs_splitinfer"] = {"point": best["name"], "bytes_ratio": s["mean_bytes_per_request"] /
-                                  max(best["mean_bytes_per_request"], 1e-9),
+            s["vs_splitinfer"] = {"point": best["name"], "splitinfer_bytes": best["mean_bytes_per_request"],
+                                  "bytes_ratio": (s["mean_bytes_per_request"] / best["mean_bytes_per_request"]
+                                                  if best["mean_bytes_per_request"] > 0 else None),
                                   "device_ms_ratio": s["device_ms_p50"] / best["device_ms_p50"]}
     # the oracle: offload exactly where the exit head is wrong and the whole model is right
     fixable = (~exit_ok) & full_ok
@@ -345,7 +348,12 @@ def markdown(report: dict) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for s in r["systems"]:
             vs = s.get("vs_splitinfer")
-            ratio = f"{vs['bytes_ratio']:.1f}x ({vs['point']})" if vs else ""
+            if vs is None:
+                ratio = "no splitinfer point as accurate" if not s["name"].startswith(("splitinfer", "whole")) else ""
+            elif vs["bytes_ratio"] is None:
+                ratio = f"{vs['point']} sends 0 B at this accuracy"
+            else:
+                ratio = f"{vs['bytes_ratio']:.1f}x ({vs['point']})"
             lines.append(f"| {s['name']} | {s['accuracy']:.4f} | {s['mean_bytes_per_request']:.1f} | "
                          f"{s['device_ms_p50']:.3f} | {s['e2e_ms_p50']:.3f} | {s['e2e_ms_p95']:.3f} | "
                          f"{s['energy_mj']:.3f} | {ratio} |")
