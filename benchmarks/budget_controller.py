@@ -68,7 +68,7 @@ def device_pass(manifest, device, images: np.ndarray, timed: int = 500):
     exit_logits, tokens, importance = [], [], []
     for start in range(0, len(x), 250):
         out = device.run(x[start:start + 250])
-        exit_logits.append(out.exit_logits)
+        exit_logits.append(out.exit)
         tokens.append(out.tokens)
         importance.append(out.importance)
     exit_logits = np.concatenate(exit_logits)
@@ -240,15 +240,18 @@ def plot(path: Path, runs: dict, budgets: dict, window: int = 500) -> None:
         n = len(run["bytes"])
         t = np.arange(1, n + 1)
         color, style = colors[c % len(colors)], styles[c % len(styles)]
+        # a run that coincides with another (the 100% budget equals the unconstrained mean) stays
+        # visible as a wide, pale band under it
+        width, alpha = (4.0, 0.45) if c == 0 else (1.4, 1.0)
         mean = np.cumsum(run["bytes"]) / t
         shown = mean > 0
-        axes[0].plot(t[shown], mean[shown], color=color, linestyle=style, linewidth=1.4, label=name)
+        axes[0].plot(t[shown], mean[shown], color=color, linestyle=style, linewidth=width, alpha=alpha, label=name)
         if name in budgets:
             axes[0].axhline(budgets[name], color=color, linestyle=":", linewidth=1.2,
                             label=f"limit of {name}: {budgets[name]:.1f} B")
         kernel = np.ones(window) / window
         axes[1].plot(t[window - 1:], np.convolve(run["correct"], kernel, mode="valid"), color=color, linestyle=style,
-                     linewidth=1.2, label=name)
+                     linewidth=width, alpha=alpha, label=name)
     axes[0].set_ylabel("running mean bytes / request (log)")
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=7, ncol=2, loc="upper right")

@@ -31,7 +31,8 @@ def select_tokens(importance: np.ndarray, mass: float, budget: int, min_tokens: 
     Returns int64 (K,) with min(min_tokens, budget) <= K <= budget, K <= P. CLS is not a patch:
     callers always send it in addition.
     """
-    importance = np.asarray(importance)
+    if not isinstance(importance, np.ndarray):
+        importance = np.asarray(importance)
     if importance.ndim != 1 or importance.size == 0:
         raise ValueError(f"importance must be a non-empty 1-D array, got shape {importance.shape}")
     if not 0.0 < mass <= 1.0:

@@ -158,7 +158,8 @@ def quantize(tokens: np.ndarray, bits: int = 8, group_size: int = 0, scale_dtype
             if top > 65504.0:
                 raise ValueError("token values too large for float16 scales; use scale_dtype='fp32'")
             scale = scale.astype(np.float16).astype(np.float32)
-        scale[scale == 0] = np.float32(1.0)
+        if not scale.all():
+            scale[scale == 0] = np.float32(1.0)
         q = tokens / scale[:, None]
         np.rint(q, out=q)
         np.clip(q, -qmax, qmax, out=q)
