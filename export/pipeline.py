@@ -245,15 +245,17 @@ def train_zstd_dictionary(model: SplitModel, data: Dataset, point: dict, width: 
             for row, k in zip(codes, keep.numpy()):
                 positions = np.r_[0, 1 + np.flatnonzero(k)]
                 payloads.append(encode_tokens(row[positions], positions, config).payload)
-    half = len(payloads) // 2
-    dictionary = zstandard.train_dictionary(size, payloads[:half], threads=1)
+    # a small calibration set (an imagefolder of a few dozen pictures): train on every payload and
+    # say so; otherwise train on the first half and measure on the second
+    half = len(payloads) // 2 if len(payloads) >= 64 else len(payloads)
+    dictionary = zstandard.train_dictionary(size, payloads[:half] * (1 if half >= 64 else -(-64 // half)), threads=1)
     path = out_dir / "zstd.dict"
     path.write_bytes(dictionary.as_bytes())
     plain = zstandard.ZstdCompressor(level=3)
     with_dict = zstandard.ZstdCompressor(level=3, dict_data=dictionary)
-    held = payloads[half:]
+    held = payloads[half:] or payloads
     mean = lambda c: float(np.mean([min(len(p), len(c.compress(p))) for p in held]))  # noqa: E731
-    entry = {"bytes": path.stat().st_size,
+    entry = {"bytes": path.stat().st_size, "trained_on": half, "measured_on": "held-out" if half < len(payloads) else "training payloads",
              "held_out_mean_payload": {"raw": float(np.mean([len(p) for p in held])), "zstd": mean(plain),
                                        "zstd_dictionary": mean(with_dict)}}
     log.info("zstd dictionary (%d bytes): held-out payload %s", entry["bytes"], entry["held_out_mean_payload"])

@@ -120,3 +120,28 @@ def test_edge_classify_on_jpeg_photos_through_real_server_gives_timms_class(phot
         assert record["label"] == int(label) and record["class_name"] == CLASSES[label]
         probabilities = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
         np.testing.assert_allclose(record["probabilities"], probabilities, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_timm_model_with_int8_and_a_trained_bottleneck(photos_and_model, tmp_path, capsys):
+    """A timm model gets the whole system: a bottleneck trained on its imagefolder by finetune, then
+    export with --quantize int8 --bottleneck W writes the INT8 half, the zstd dictionary and the table."""
+    from splitinfer.export.cli import main as export_main
+    from splitinfer.protos import load_manifest
+
+    _, folder, checkpoint, _ = photos_and_model
+    model = ["--adapter", "timm", "--timm-model", "deit_tiny_patch16_224", "--checkpoint", str(checkpoint),
+             "--num-classes", str(len(CLASSES)), "--split", "6", "--data", f"imagefolder:{folder}"]
+    heads = tmp_path / "heads.pt"
+    assert export_main(["finetune", *model, "--bottleneck-dims", "48", "--bottleneck-steps", "10", "--no-exit-scorer",
+                        "--batch-size", "4", "--out", str(heads), "--no-progress"]) == 0
+    out = tmp_path / "deit-int8"
+    assert export_main(["export", *model, "--heads", str(heads), "--quantize", "int8", "--bottleneck", "48",
+                        "--encoding", "int8", "--no-plot", "--out", str(out)]) == 0
+    for name in ("device.int8.onnx", "zstd.dict", "operating_points.json"):
+        assert (out / name).is_file(), name
+    m = load_manifest(out)
+    assert m.bottleneck == 48 and m.dim == 48 and m.tokens.model_dim == 192 and "device_int8" in m.files
+    capsys.readouterr()
+    assert export_main(["export", *model, "--bottleneck", "48", "--out", str(tmp_path / "bad")]) == 2
+    assert "no learned bottleneck of width 48" in capsys.readouterr().err
