@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-all
 EDGE_VENV  := .venv-edge
 EDGE_STAMP := $(EDGE_VENV)/.installed-edge
 
-.PHONY: demo test test-torch-free setup train protos clean emulate-aarch64 test-models
+.PHONY: demo test test-torch-free setup train train-text bench-text protos clean emulate-aarch64 test-models
 
 setup: $(STAMP)
 
@@ -49,10 +49,19 @@ train: $(STAMP)
 		--canvases-per-epoch 14000 --init-from checkpoints/vit-cluttered-mnist.base.pt \
 		--out checkpoints/vit-cluttered-mnist.pt
 
+# The BBC News heads of benchmarks/text_classification.py (about a minute on one GPU; slow on a CPU),
+# and the benchmark itself (fine-tune if asked, export, serve, classify the test articles; < 20 min on 2 cores)
+train-text: $(STAMP)
+	$(PY) -m splitinfer.export.text_finetune --out checkpoints/minilm-bbcnews-heads.pt \
+		--report checkpoints/minilm-bbcnews-heads.json
+
+bench-text: $(STAMP)
+	$(PY) benchmarks/text_classification.py
+
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
 
-# The edge under aarch64 user-mode emulation against a server on loopback (root, slow; see README).
+# The edge under aarch64 user-mode emulation against a server on loopback (root, slow; see docs/device.md).
 emulate-aarch64: $(STAMP)
 	bash scripts/emulate_aarch64.sh
 
