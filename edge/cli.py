@@ -218,10 +218,7 @@ def expand_paths(paths: Sequence[Path]) -> list[tuple[Path, str | None]]:
 
 def _emit_result(where: str, result: EdgeResult, as_json: bool) -> None:
     if as_json:
-        out = result.to_dict()
-        if result.energy is not None:
-            out["energy"] = {k: v for k, v in out["energy"].items()}
-        print(json.dumps({"input": where, **out}), flush=True)
+        print(json.dumps({"input": where, **result.to_dict()}), flush=True)
         return
     answer = (f"label={result.class_name}  confidence={result.confidence:.3f}" if result.embedding is None
               else f"embedding[{len(result.embedding)}]")
@@ -264,16 +261,6 @@ class _Stats:
             self.energies.append(result.energy)
         if result.decided_on != "device":
             self.request_bytes.append(result.bytes_sent)
-
-    def summary(self) -> dict:
-        n = len(self.latencies_ms)
-        out = {"answered": n, "failed_inputs": self.failed, "decided_on": dict(self.decided),
-               "offload_failures": dict(self.failures)}
-        if n:
-            lat = np.asarray(self.latencies_ms)
-            out.update(mean_bytes_per_request=sum(self.request_bytes) / n,
-                       latency_ms_p50=float(np.percentile(lat, 50)), latency_ms_p90=float(np.percentile(lat, 90)))
-        return out
 
     def write(self, out: TextIO) -> None:
         n = len(self.latencies_ms)

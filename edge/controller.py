@@ -67,10 +67,6 @@ OFFLOAD_PRIOR = 20  # the table's bytes per offload counts as this many observed
 MAX_Y = 1e9  # cap on a normalised cost (an offload at zero bandwidth)
 
 
-def _bytes_per_offload(point: OperatingPoint) -> float:
-    return point.bytes_per_offload
-
-
 @dataclass(frozen=True)
 class Constraints:
     """Long-run limits per request; None = unconstrained. Any combination.
@@ -223,7 +219,7 @@ class BudgetController:
         self.thresholds = np.array([p.threshold for p in self.points])
         self.exit_rates = np.array([p.exit_rate for p in self.points])
         self.exit_window, self.exit_prior, self._seen = exit_window, exit_prior, 0
-        self.bytes_per_offload = np.array([_bytes_per_offload(p) for p in self.points])
+        self.bytes_per_offload = np.array([p.bytes_per_offload for p in self.points])
         self.device_ms = float(np.mean([p.device_ms for p in self.points]))
         self._offloads = np.zeros(len(self.points))
         self._index = {p: k for k, p in enumerate(self.points)}

@@ -361,8 +361,6 @@ class EnergyReference:
 def measure_reference(manifest, device_run: Callable[[dict], object], inputs: dict, meter: DeviceEnergyMeter,
                       repeats: int = 50, warmup: int = 5) -> EnergyReference:
     """Measure :class:`EnergyReference` on ``inputs`` (device inputs of one real input)."""
-    import time
-
     import numpy as np
     import onnxruntime as ort
 

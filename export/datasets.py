@@ -61,11 +61,7 @@ class Dataset:
 
         for start in range(0, len(self), size):
             rows = slice(start, min(start + size, len(self)))
-            batch = {k: v[rows] for k, v in self.inputs.items()}
-            if self.kind == "text":
-                longest = max(int(batch["attention_mask"].sum(1).max()), 1)
-                batch = {k: v[:, :longest] for k, v in batch.items()}
-            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}, rows
+            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.numpy_rows(rows).items()}, rows
 
     def numpy_rows(self, rows: slice) -> dict:
         """Rows as the device half takes them (text cut to its longest row)."""

@@ -142,9 +142,10 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
 
     device_path, server_path = export_halves(model, out_dir, options.opset, width)
     parity = verify_parity(model, device_path, server_path, width, atol=options.atol)
+    fields = backbone.manifest_fields()
     timings = time_halves(device_path, server_path, data, chosen["mean_tokens_per_offload"] or data_tokens(data))
     files = {"device": _ref(device_path), "server": _ref(server_path)}
-    info: dict = {"architecture": backbone.manifest_fields().get("architecture", {}),
+    info: dict = {"architecture": fields.get("architecture", {}),
                   "onnx": {"opset": options.opset, "ir_version": IR_VERSION_FOR_OPSET[options.opset],
                            "checked_with_onnxruntime": onnxruntime.__version__},
                   "parity_max_abs_diff": parity, "timings": timings}
@@ -184,7 +185,6 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
         shutil.copyfile(src, out_dir / "tokenizer.json")
         files["tokenizer"] = _ref(out_dir / "tokenizer.json")
 
-    fields = backbone.manifest_fields()
     if kind == "image":
         input_spec = InputSpec(kind="image", preprocessing=fields["preprocessing"])
         num_tokens, grid = int(fields["tokens"]["num_tokens"]), fields["tokens"].get("grid")

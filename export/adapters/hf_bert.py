@@ -262,16 +262,7 @@ def load_hf_encoder(folder: Path, max_length: int | None = None, class_names: li
 def tokenize(tokenizer_file: Path, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     """texts -> {"input_ids", "attention_mask"} int64 (B, T), padded to the longest (T <= max_length),
     with the folder's own ``tokenizer.json`` (the same file the edge uses)."""
-    from tokenizers import Tokenizer
+    from splitinfer.edge.frontends import TextTokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_file))
-    tok.no_padding()
-    tok.enable_truncation(max_length)
-    encodings = tok.encode_batch(list(texts))
-    length = max(len(e.ids) for e in encodings)
-    ids = torch.zeros(len(texts), length, dtype=torch.int64)
-    mask = torch.zeros(len(texts), length, dtype=torch.int64)
-    for i, e in enumerate(encodings):
-        ids[i, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.int64)
-        mask[i, :len(e.ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    ids, mask = TextTokenizer(tokenizer_file, max_length).encode(list(texts))
+    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
