@@ -31,14 +31,14 @@ from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 import numpy as np
 
 from splitinfer.protos import splitinfer_pb2 as pb
-from splitinfer.protos.codec import CodecConfig, encode_tokens, load_dictionary
+from splitinfer.protos.codec import CodecConfig, TokenEncoder, load_dictionary
 from splitinfer.protos.errors import (DeadlineExceeded, ManifestError, ManifestMismatch, ModelNotFound, Overloaded,
                                       ServerInternalError, ServerUnavailable, Unauthenticated)
 from splitinfer.protos.manifest import Manifest
 
 from .energy import DeviceEnergyMeter, EnergyEstimate, EnergyModel
 from .frontends import FrontEnd, front_end_for
-from .selection import select_tokens
+from .selection import select_positions
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -211,7 +211,6 @@ class EdgeRunner:
         self.transport = transport
         self.manifest = manifest
         self.front_end = front_end if front_end is not None else front_end_for(manifest)
-        self.codec = codec if codec is not None else manifest.codec.config()
         self.zstd_dictionary = load_dictionary(manifest.zstd_dictionary)  # the model's, when it ships one
         self.policy = OffloadPolicy.from_manifest(manifest, exit_threshold, mass, budget)
         self._clock = clock
@@ -219,8 +218,14 @@ class EdgeRunner:
         self.meter = meter if meter is not None or energy is None else DeviceEnergyMeter(energy.device)
         self.controller = controller
         self.task = manifest.task
-        self._point_settings: dict["OperatingPoint", tuple[OffloadPolicy, CodecConfig]] = {}
+        self._encoder = TokenEncoder(codec if codec is not None else manifest.codec.config(), self.zstd_dictionary)
+        self._point_settings: dict["OperatingPoint", tuple[OffloadPolicy, TokenEncoder]] = {}
         self._header = {"model": manifest.name, "manifest_sha256": manifest.sha256}
+
+    @property
+    def codec(self) -> CodecConfig:
+        """The runner's own codec (an operating point may carry another)."""
+        return self._encoder.config
 
     # -- public entry points
     def classify(self, image, point: "OperatingPoint | None" = None) -> EdgeResult:
@@ -308,27 +313,25 @@ class EdgeRunner:
     def select(self, importance: np.ndarray, point: "OperatingPoint | None" = None) -> np.ndarray:
         """importance float32 (N - 1,) -> token positions int64 (1 + K,): 0 (CLS), then 1 + token index."""
         policy, _ = self._settings(point)
-        chosen = select_tokens(importance, policy.mass, policy.budget, policy.min_tokens)
-        positions = np.zeros(chosen.size + 1, dtype=np.int64)
-        np.add(chosen, 1, out=positions[1:])
-        return positions
+        return select_positions(importance, policy.mass, policy.budget, policy.min_tokens)
 
     def build_request(self, tokens: np.ndarray, importance: np.ndarray, request_id: str,
                       point: "OperatingPoint | None" = None) -> pb.InferRequest:
         """tokens float32 (N, d), importance float32 (N - 1,) -> InferRequest with the selected tokens."""
-        _, codec = self._settings(point)
-        positions = self.select(importance, point)
-        packet = encode_tokens(tokens[positions], positions, codec, zstd_dictionary=self.zstd_dictionary)
-        return pb.InferRequest(request_id=request_id, packet=packet, **self._header)
+        policy, encoder = self._settings(point)
+        positions = select_positions(importance, policy.mass, policy.budget, policy.min_tokens)
+        request = pb.InferRequest(request_id=request_id, **self._header)
+        encoder.encode_into(request.packet, tokens.take(positions, axis=0), positions)
+        return request
 
-    def _settings(self, point: "OperatingPoint | None") -> tuple[OffloadPolicy, CodecConfig]:
-        """The exit/selection policy and codec of ``point`` (None: the runner's own)."""
+    def _settings(self, point: "OperatingPoint | None") -> tuple[OffloadPolicy, TokenEncoder]:
+        """The exit/selection policy and token encoder of ``point`` (None: the runner's own)."""
         if point is None:
-            return self.policy, self.codec
+            return self.policy, self._encoder
         settings = self._point_settings.get(point)
         if settings is None:
             policy = OffloadPolicy(point.threshold, point.mass, point.budget, self.policy.min_tokens)
-            settings = (policy, point.codec(self.codec))
+            settings = (policy, TokenEncoder(point.codec(self.codec), self.zstd_dictionary))
             self._point_settings[point] = settings
         return settings
 

@@ -5,31 +5,21 @@ Pure numpy, no torch. ``splitinfer.export.tokens.select_tokens_mask`` is its exa
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-__all__ = ["select_tokens", "tokens_for_mass"]
+__all__ = ["select_positions", "select_tokens"]
 
 
-def tokens_for_mass(importance: np.ndarray, mass: float) -> tuple[np.ndarray, int]:
-    """Rank patches by importance and count how many cover ``mass`` of the total.
-
-    importance: (P,) non-negative float. Returns (order (P,) int64, most important first, with ties
-    broken by lower index; k >= 1, the smallest count whose cumulative importance >= mass * total).
-    """
-    order = np.argsort(-importance, kind="stable")
-    csum = np.cumsum(importance[order], dtype=np.float64)
-    # csum is non-decreasing: the count of entries below the target is where the target would go
-    k = int(np.searchsorted(csum, mass * csum[-1], side="left")) + 1
-    return order, k
-
-
-def select_tokens(importance: np.ndarray, mass: float, budget: int, min_tokens: int = 1) -> np.ndarray:
-    """Patch indices to send, sorted ascending.
+def select_positions(importance: np.ndarray, mass: float, budget: int, min_tokens: int = 1) -> np.ndarray:
+    """Sequence positions to send: 0 (CLS), then 1 + each chosen patch index, ascending.
 
     importance: (P,) float, the device half's CLS attention per patch (sums to 1).
     mass: share of the importance mass to cover, in (0, 1]. budget: the most patches to keep.
-    Returns int64 (K,) with min(min_tokens, budget) <= K <= budget, K <= P. CLS is not a patch:
-    callers always send it in addition.
+    Patches are ranked by importance (ties: lower index first); K is the smallest count whose
+    cumulative importance reaches ``mass`` of the total, then clamped to [min_tokens, budget] and P.
+    Returns int64 (1 + K,) with min(min_tokens, budget) <= K <= budget, K <= P.
     """
     if not isinstance(importance, np.ndarray):
         importance = np.asarray(importance)
@@ -39,8 +29,29 @@ def select_tokens(importance: np.ndarray, mass: float, budget: int, min_tokens: 
         raise ValueError(f"mass must be in (0, 1], got {mass}")
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
-    if not np.isfinite(importance.sum()):  # one reduction: NaN or inf anywhere makes the sum non-finite
+    # This runs once per offload on the device, where each numpy call costs a microsecond or more:
+    # one stable argsort over [-inf, -importance] ranks the patches and puts CLS (position 0) first,
+    # so the ranking is already in positions. Methods and ufunc methods, not the np.* wrappers.
+    p = importance.size
+    key = np.empty(p + 1, dtype=np.float32)
+    key[0] = -np.inf
+    np.negative(importance, out=key[1:])
+    order = key.argsort(kind="stable")
+    neg_csum = np.add.accumulate(key[order[1:]], dtype=np.float64)  # -(cumulative importance), exact
+    total = -float(neg_csum[-1])
+    if not math.isfinite(total):  # NaN or inf anywhere makes the total non-finite
         raise ValueError("importance contains NaN or inf")
-    order, k = tokens_for_mass(importance, mass)
-    k = min(max(k, min_tokens), budget, importance.size)
-    return np.sort(order[:k])
+    # K = 1 + #(cumulative < mass * total) = 1 + #(neg_csum > -mass * total); neg_csum descends
+    k = p - int(neg_csum[::-1].searchsorted(-(mass * total), side="right")) + 1
+    k = min(max(k, min_tokens), budget, p)
+    positions = order[:k + 1]  # a view of a fresh array: sort it in place
+    positions.sort()
+    return positions
+
+
+def select_tokens(importance: np.ndarray, mass: float, budget: int, min_tokens: int = 1) -> np.ndarray:
+    """Patch indices to send, sorted ascending: :func:`select_positions` without CLS, minus one.
+
+    Returns int64 (K,). CLS is not a patch: callers always send it in addition.
+    """
+    return select_positions(importance, mass, budget, min_tokens)[1:] - 1

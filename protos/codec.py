@@ -14,6 +14,7 @@ but huge int8/int4 scales overflow a server half's float32 arithmetic). Every fa
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import zstandard
 from . import splitinfer_pb2 as pb
 from .errors import InvalidPacket
 
-__all__ = ["CodecConfig", "PacketLimits", "DEFAULT_MAX_ABS_VALUE", "load_dictionary", "ENCODINGS", "COMPRESSIONS",
+__all__ = ["CodecConfig", "PacketLimits", "TokenEncoder", "DEFAULT_MAX_ABS_VALUE", "load_dictionary", "ENCODINGS", "COMPRESSIONS",
            "SCALE_DTYPES", "encode_tokens",
            "decode_tokens", "quantize", "dequantize", "quantize_int8", "dequantize_int8", "pack_int4",
            "unpack_int4", "raw_payload_bytes"]
@@ -36,6 +37,8 @@ _DTYPES = {pb.ENCODING_FP32: np.dtype("<f4"), pb.ENCODING_FP16: np.dtype("<f2"),
 QMAX = {8: 127.0, 4: 7.0}
 DEFAULT_MAX_ABS_VALUE = 1e6
 INT8_MAX = QMAX[8]
+_FP16_MIN_NORMAL = 2.0 ** -14
+_FP32_MIN_NORMAL = float(np.finfo(np.float32).tiny)
 
 # zstd (de)compressors are not thread-safe and cost tens of microseconds to make (more with a
 # dictionary): keep one per thread, per level and dictionary.
@@ -136,6 +139,36 @@ def _groups(dim: int, group_size: int) -> int:
     return dim // group_size
 
 
+def _quantize_per_token(tokens: np.ndarray, qmax: np.float32, scale_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (K, d) -> (q int8 (K, d), scales as stored: (K,) float16 or float32).
+
+    One scale per token: the edge's hot path, in as few numpy calls as it takes (each costs about a
+    microsecond on a small device, more with cold caches right after the device half ran).
+    """
+    scale = np.abs(tokens).max(axis=1)
+    scale /= qmax
+    top = float(scale.max())
+    if not math.isfinite(top):  # NaN or inf anywhere in the tokens
+        raise ValueError("tokens contain NaN or inf")
+    stored = scale
+    if scale_dtype == "fp16":
+        if top > 65504.0:
+            raise ValueError("token values too large for float16 scales; use scale_dtype='fp32'")
+        stored = scale.astype(np.float16)
+        scale = stored.astype(np.float32)  # a float16 operand would make the division below slower
+    low = float(scale.min())
+    if low == 0.0:  # an all-zero token (or one below float16's range): scale 1, q = 0
+        scale[scale == 0] = np.float32(1.0)
+        stored = scale.astype(stored.dtype)
+    q = tokens / scale[:, None]
+    np.rint(q, out=q)
+    # |x / scale| <= qmax up to float rounding, which rint absorbs, unless a scale is subnormal in
+    # its storage type and lost precision: only then can a value land outside [-qmax, qmax]
+    if low < (_FP16_MIN_NORMAL if scale_dtype == "fp16" else _FP32_MIN_NORMAL):
+        np.clip(q, -qmax, qmax, out=q)
+    return q.astype(np.int8), stored
+
+
 def quantize(tokens: np.ndarray, bits: int = 8, group_size: int = 0, scale_dtype: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """Symmetric quantization. tokens float32 (K, d) -> (q int8 (K, d) in [-qmax, qmax], scales (K, G)).
 
@@ -148,22 +181,9 @@ def quantize(tokens: np.ndarray, bits: int = 8, group_size: int = 0, scale_dtype
     k, d = tokens.shape
     g = _groups(d, group_size)
     qmax = np.float32(QMAX[bits])
-    if g == 1:  # one scale per token: the edge's hot path, fewer temporaries
-        scale = np.abs(tokens).max(axis=1)
-        scale /= qmax
-        top = float(scale.max())
-        if not np.isfinite(top):  # NaN or inf anywhere in the tokens
-            raise ValueError("tokens contain NaN or inf")
-        if scale_dtype == "fp16":
-            if top > 65504.0:
-                raise ValueError("token values too large for float16 scales; use scale_dtype='fp32'")
-            scale = scale.astype(np.float16).astype(np.float32)
-        if not scale.all():
-            scale[scale == 0] = np.float32(1.0)
-        q = tokens / scale[:, None]
-        np.rint(q, out=q)
-        np.clip(q, -qmax, qmax, out=q)
-        return q.astype(np.int8), scale[:, None]
+    if g == 1:
+        q, scale = _quantize_per_token(tokens, qmax, scale_dtype)
+        return q, scale.astype(np.float32)[:, None]
     grouped = tokens.reshape(k, g, d // g)
     scale = np.abs(grouped).max(axis=-1) / qmax  # (K, G)
     if scale_dtype == "fp16":
@@ -198,8 +218,10 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 def pack_int4(q: np.ndarray) -> bytes:
     """int8 values in [-8, 7], even count -> bytes, two's complement nibbles, low nibble first."""
-    flat = q.reshape(-1).view(np.uint8) & np.uint8(0x0F)  # two's complement: the low nibble is the value
-    return (flat[0::2] | (flat[1::2] << np.uint8(4))).tobytes()
+    flat = q.reshape(-1).view(np.uint8)  # two's complement: the low nibble is the value
+    low = flat[0::2] & np.uint8(0x0F)
+    low |= flat[1::2] << np.uint8(4)  # the shift drops the high nibble's upper bits by itself
+    return low.tobytes()
 
 
 def unpack_int4(raw: bytes, count: int) -> np.ndarray:
@@ -215,45 +237,78 @@ def raw_payload_bytes(encoding: int, num_tokens: int, dim: int) -> int:
     return (num_tokens * dim * _BITS[encoding] + 7) // 8
 
 
+class TokenEncoder:
+    """Encodes tokens with one :class:`CodecConfig`, its choices made once: what an edge that
+    offloads calls per request. :func:`encode_tokens` is the one-shot form.
+
+    Safe to share between threads (zstd compressors are per thread).
+    """
+
+    def __init__(self, config: CodecConfig = CodecConfig(),
+                 zstd_dictionary: "bytes | zstandard.ZstdCompressionDict | None" = None) -> None:
+        self.config = config
+        self.zstd_dictionary = load_dictionary(zstd_dictionary)
+        self._encoding = ENCODINGS[config.encoding]
+        self._quantized = self._encoding in (pb.ENCODING_INT8, pb.ENCODING_INT4)
+        self._qmax = np.float32(QMAX[config.bits]) if self._quantized else None
+        self._scales_encoding = SCALE_DTYPES[config.scale_dtype]
+        self._scale_np = np.dtype("<f2" if config.scale_dtype == "fp16" else "<f4")
+        self._compressed_kind = pb.COMPRESSION_ZSTD if self.zstd_dictionary is None else pb.COMPRESSION_ZSTD_DICT
+
+    def encode(self, tokens: np.ndarray, positions: np.ndarray) -> pb.TokenPacket:
+        """tokens float32 (K, d), positions int (K,) strictly increasing -> TokenPacket.
+
+        With the encoder's ``zstd_dictionary`` (the model's, from its folder), zstd compression uses
+        it and the packet says COMPRESSION_ZSTD_DICT.
+        """
+        packet = pb.TokenPacket()
+        self.encode_into(packet, tokens, positions)
+        return packet
+
+    def encode_into(self, packet: pb.TokenPacket, tokens: np.ndarray, positions: np.ndarray) -> None:
+        """:meth:`encode` into an empty ``packet``, such as a new request's own ``packet`` field
+        (assigning a finished TokenPacket to a request would copy it)."""
+        config = self.config
+        if not isinstance(tokens, np.ndarray) or tokens.dtype != np.float32:
+            tokens = np.asarray(tokens, dtype=np.float32)
+        if not isinstance(positions, np.ndarray):
+            positions = np.asarray(positions)
+        if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be a non-empty (K, d) array, got shape {tokens.shape}")
+        k, d = tokens.shape
+        if positions.shape != (k,):
+            raise ValueError(f"positions must have shape ({k},), got {positions.shape}")
+        if self._quantized:
+            if self._encoding == pb.ENCODING_INT4 and d % 2:
+                raise ValueError(f"int4 needs an even token dimension, got {d}")
+            group_size = config.group_size if config.group_size != d else 0
+            if group_size == 0:
+                q, stored = _quantize_per_token(tokens, self._qmax, config.scale_dtype)
+            else:
+                q, stored = quantize(tokens, config.bits, group_size, config.scale_dtype)
+                packet.group_size = group_size
+            raw = q.tobytes() if self._encoding == pb.ENCODING_INT8 else pack_int4(q)
+            packet.scales = stored.astype(self._scale_np, copy=False).tobytes()
+            packet.scales_encoding = self._scales_encoding
+        else:
+            if not math.isfinite(float(np.abs(tokens).max())):
+                raise ValueError("tokens contain NaN or inf")
+            raw = tokens.astype(_DTYPES[self._encoding]).tobytes()
+        payload = raw
+        if config.compression != "none":
+            compressed = _cached("c", config.zstd_level, self.zstd_dictionary).compress(raw)
+            if config.compression == "zstd" or len(compressed) < len(raw):
+                packet.compression, payload = self._compressed_kind, compressed
+        packet.num_tokens, packet.dim, packet.encoding = k, d, self._encoding
+        packet.positions.extend(positions.tolist())
+        packet.payload, packet.uncompressed_size = payload, len(raw)
+
+
 def encode_tokens(tokens: np.ndarray, positions: np.ndarray, config: CodecConfig = CodecConfig(),
                   zstd_dictionary: "zstandard.ZstdCompressionDict | None" = None) -> pb.TokenPacket:
-    """tokens float32 (K, d), positions int (K,) strictly increasing -> TokenPacket.
-
-    With ``zstd_dictionary`` (the model's, from its folder), zstd compression uses it and the
-    packet says COMPRESSION_ZSTD_DICT.
-    """
-    tokens = np.asarray(tokens, dtype=np.float32)
-    positions = np.asarray(positions)
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens must be a non-empty (K, d) array, got shape {tokens.shape}")
-    if positions.shape != (tokens.shape[0],):
-        raise ValueError(f"positions must have shape ({tokens.shape[0]},), got {positions.shape}")
-    encoding = ENCODINGS[config.encoding]
-    if encoding not in (pb.ENCODING_INT8, pb.ENCODING_INT4) and not np.isfinite(np.abs(tokens).max()):
-        raise ValueError("tokens contain NaN or inf")  # int8 / int4: quantize checks on its way
-    scales, group_size, scales_encoding = b"", 0, pb.ENCODING_UNSPECIFIED
-    if encoding in (pb.ENCODING_INT8, pb.ENCODING_INT4):
-        if encoding == pb.ENCODING_INT4 and tokens.shape[1] % 2:
-            raise ValueError(f"int4 needs an even token dimension, got {tokens.shape[1]}")
-        group_size = config.group_size if config.group_size != tokens.shape[1] else 0
-        q, s = quantize(tokens, config.bits, group_size, config.scale_dtype)
-        raw = q.tobytes() if encoding == pb.ENCODING_INT8 else pack_int4(q)
-        scales_encoding = SCALE_DTYPES[config.scale_dtype]
-        scales = s.astype("<f2" if config.scale_dtype == "fp16" else "<f4").tobytes()
-    else:
-        raw = tokens.astype(_DTYPES[encoding]).tobytes()
-    compression, payload = pb.COMPRESSION_NONE, raw
-    if config.compression != "none":
-        dictionary = load_dictionary(zstd_dictionary)
-        compressed = _cached("c", config.zstd_level, dictionary).compress(raw)
-        kind = pb.COMPRESSION_ZSTD if dictionary is None else pb.COMPRESSION_ZSTD_DICT
-        if config.compression == "zstd" or len(compressed) < len(raw):
-            compression, payload = kind, compressed
-    return pb.TokenPacket(
-        num_tokens=tokens.shape[0], dim=tokens.shape[1], encoding=encoding, compression=compression,
-        scales=scales, positions=positions.astype(np.int64).tolist(), payload=payload, uncompressed_size=len(raw),
-        group_size=group_size, scales_encoding=scales_encoding,
-    )
+    """tokens float32 (K, d), positions int (K,) strictly increasing -> TokenPacket (one-shot
+    :class:`TokenEncoder`)."""
+    return TokenEncoder(config, zstd_dictionary).encode(tokens, positions)
 
 
 def decode_tokens(packet: pb.TokenPacket, limits: PacketLimits) -> tuple[np.ndarray, np.ndarray]:
