@@ -24,6 +24,18 @@ it saw the same machine as the servers. ``modes`` in the JSON gives, per server 
 count, ``rps``, ``p50_ms``, ``p99_ms``, the share of the limit and the server's CPU per request
 (from /proc; a figure less sensitive to other load on the machine than requests/s).
 
+The load generator shares the server's two cores, so it is as lean as the project can make it:
+unary clients are Python worker processes (grpc.aio, pre-serialized requests); InferStream clients
+come from benchmarks/loadgen/loadgen.js (Node.js and grpc-js, about half the CPU per message of a
+grpc.aio stream client; ``npm ci`` there is run once if its packages are missing) when node is
+installed, else from the same Python workers (``--load-generator python`` forces that). Each mode's
+generator is in the table and the JSON (``load_generator``).
+
+``--instances N`` (default 2) also measures InferStream on a server computing N batches at once
+(``splitinfer-serve --instances N``). Its own compute-only limit is N sessions of server.onnx side
+by side (``compute_limit_rps_sessions``): ``of_compute_limit`` is against one session, as for every
+mode, and ``of_own_compute_limit`` against the limit with the same parallelism.
+
 The batch-size histogram comes from the server's own Prometheus endpoint (scraped before and after
 each window). Results go to ``benchmarks/results/server_load.json`` (``--out``). Only 127.0.0.1 is
 ever targeted; the run's length is bounded by rounds x windows (``--max-total-s`` caps it).
@@ -156,8 +168,11 @@ class _Clients:
         """One InferStream per client, closed loop: write a request, read its answer, write the next.
 
         A client's stream stays open across windows, as a device's would. The deadline of each
-        request travels in it (StreamRequest.timeout_ms); a stream whose answer is later than that
-        is counted DEADLINE_EXCEEDED and closed.
+        request travels in it (StreamRequest.timeout_ms) and the server enforces it (a late request
+        is answered DEADLINE_EXCEEDED); an answer later than the deadline anyway is counted so. No
+        timer per read (it would cost the load generator more CPU than the server spends on the
+        message): the window as a whole is bounded instead, and a stream still waiting at its end
+        is cancelled and reopened next window.
         """
         latencies: list[float] = []
         codes: dict[str, int] = {}
@@ -176,19 +191,27 @@ class _Clients:
                     return
                 try:
                     await call.write(requests[k % len(requests)])
-                    answer = await asyncio.wait_for(call.read(), timeout_s)
-                    code = _stream_answer_code(answer)
-                except (asyncio.TimeoutError, Exception) as exc:  # a late answer or a broken stream: reopen
-                    code = "DEADLINE_EXCEEDED" if isinstance(exc, asyncio.TimeoutError) else type(exc).__name__
+                    code = _stream_answer_code(await call.read())
+                except Exception as exc:  # a broken stream: reopen
+                    code = type(exc).__name__
                     call.cancel()
                     call = self.streams[key] = channels[index].stream_stream(STREAM_METHOD)()
                 k += 1
                 done = time.perf_counter()
+                if done - now > timeout_s and code == "OK":
+                    code = "DEADLINE_EXCEEDED"
                 if now >= measure_from and done <= stop_at:
                     latencies.append(done - now)
                     codes[code] = codes.get(code, 0) + 1
 
-        await asyncio.gather(*(client(i) for i in range(len(channels))))
+        tasks = {asyncio.ensure_future(client(i)): key for i, key in enumerate(keys)}
+        _done, late = await asyncio.wait(tasks, timeout=warmup_s + window_s + timeout_s)
+        for task in late:  # a stream the server never answered: cancel it, reopen it next window
+            task.cancel()
+            self.streams.pop(tasks[task]).cancel()
+        if late:
+            await asyncio.wait(late)
+            codes["DEADLINE_EXCEEDED"] = codes.get("DEADLINE_EXCEEDED", 0) + len(late)
         return {"latencies": latencies, "codes": codes}
 
 
@@ -221,10 +244,60 @@ def _worker(conn, requests_by_kind: dict[str, list[bytes]]) -> None:
         conn.send(loop.run_until_complete(clients.drive(*job)))
 
 
-class LoadGenerator:
-    """Persistent client worker processes; ``run`` splits N clients over them for one window."""
+class NodeLoad:
+    """benchmarks/loadgen/loadgen.js in one long-lived Node.js process: InferStream clients at about
+    half the CPU per request of Python's grpc.aio (the load generator shares the server's cores)."""
 
-    def __init__(self, requests_by_kind: dict[str, list[bytes]], processes: int) -> None:
+    DIR = ROOT / "benchmarks" / "loadgen"
+
+    @classmethod
+    def available(cls) -> bool:
+        """node on PATH and the generator's packages installed (``npm ci`` in benchmarks/loadgen, tried once)."""
+        if shutil.which("node") is None:
+            return False
+        if not (cls.DIR / "node_modules" / "@grpc" / "grpc-js").is_dir() and shutil.which("npm"):
+            subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=cls.DIR, timeout=300,
+                           check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return (cls.DIR / "node_modules" / "@grpc" / "grpc-js").is_dir()
+
+    def __init__(self, requests_by_kind: dict[str, list[bytes]]) -> None:
+        self._folder = Path(tempfile.mkdtemp(prefix="server_load_requests_"))
+        self._files = {}
+        for kind, requests in requests_by_kind.items():
+            path = self._folder / f"{kind}.bin"
+            path.write_bytes(b"".join(len(r).to_bytes(4, "little") + r for r in requests))
+            self._files[kind] = str(path)
+        self.proc = subprocess.Popen(["node", str(self.DIR / "loadgen.js")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def run(self, target: str, clients: int, kind: str, window_s: float, warmup_s: float, timeout_s: float) -> dict:
+        job = {"target": target, "kind": "stream" if kind.endswith(STREAM_SUFFIX) else "unary", "clients": clients,
+               "offset": 0, "window_s": window_s, "warmup_s": warmup_s, "timeout_ms": timeout_s * 1e3,
+               "requests": self._files[kind]}
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline() or '{"error": "the Node.js load generator exited"}')
+        if "error" in answer:
+            raise RuntimeError(f"loadgen.js: {answer['error']}")
+        return answer
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+class LoadGenerator:
+    """Persistent client worker processes; ``run`` splits N clients over them for one window.
+
+    Unary calls come from Python worker processes (grpc.aio); InferStream clients from the Node.js
+    generator when node is installed (``node=True``), else from the same Python workers.
+    """
+
+    def __init__(self, requests_by_kind: dict[str, list[bytes]], processes: int, node: bool = False) -> None:
         ctx = mp.get_context("spawn")
         self._pipes, self._procs = [], []
         for _ in range(processes):
@@ -233,12 +306,20 @@ class LoadGenerator:
             proc.start()
             self._pipes.append(parent)
             self._procs.append(proc)
+        streams = {k: v for k, v in requests_by_kind.items() if k.endswith(STREAM_SUFFIX)}
+        self.node = NodeLoad(streams) if node and streams else None
+
+    def generator_for(self, kind: str) -> str:
+        return "node" if self.node is not None and kind.endswith(STREAM_SUFFIX) else "python"
 
     def run(self, target: str, clients: int, kind: str, window_s: float, warmup_s: float,
             timeout_s: float) -> tuple[np.ndarray, dict[str, int]]:
         """One window: (latencies in ms, answers by status code)."""
         if not target.startswith(f"{HOST}:"):
             raise ValueError(f"the load generator only targets {HOST}, got {target}")
+        if self.generator_for(kind) == "node":
+            result = self.node.run(target, clients, kind, window_s, warmup_s, timeout_s)
+            return np.asarray(result["latencies"]) * 1e3, result["codes"]
         used = min(clients, len(self._pipes))
         shares = [clients // used + (1 if i < clients % used else 0) for i in range(used)]
         offset = 0
@@ -254,6 +335,8 @@ class LoadGenerator:
         return latencies, codes
 
     def close(self) -> None:
+        if self.node is not None:
+            self.node.close()
         for pipe in self._pipes:
             pipe.send(None)
         for proc in self._procs:
@@ -288,7 +371,7 @@ class ComputeLimit:
     and reports the median of the samples.
     """
 
-    def __init__(self, model_dir: Path, requests: list[bytes], threads: int, batch: int) -> None:
+    def __init__(self, model_dir: Path, requests: list[bytes], threads: int, batch: int, sessions: int = 1) -> None:
         from splitinfer.cloud import load_model
         from splitinfer.cloud.batcher import pad_tokens
         from splitinfer.cloud.engine import RuntimeConfig
@@ -296,6 +379,9 @@ class ComputeLimit:
         from splitinfer.protos import splitinfer_pb2 as pb
 
         self.model = load_model(model_dir, RuntimeConfig(intra_op_threads=threads))
+        # a server with --instances N runs N batches at once: its limit is N sessions side by side
+        self.parallel = [load_model(model_dir, RuntimeConfig(intra_op_threads=threads)) for _ in range(sessions)]
+        self.parallel_samples: list[float] = []
         packets = [pb.InferRequest.FromString(r).packet for r in requests]
         rows = [decode_tokens(p, self.model.packet_limits)[0] for p in packets]  # (K_i, d) float32
         self.batches = [pad_tokens(rows[i:i + batch]) for i in range(0, len(rows) - batch + 1, batch)]
@@ -314,15 +400,25 @@ class ComputeLimit:
         return done * self.batch / (time.perf_counter() - started)
 
     def sample(self, seconds: float) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from splitinfer.cloud.batcher import decode_and_run
 
         self.samples.append(self._rate(lambda k: self.model.run(*self.batches[k % len(self.batches)]), seconds))
+        if len(self.parallel) > 1:  # ONNX Runtime releases the GIL: N threads compute side by side
+            with ThreadPoolExecutor(len(self.parallel)) as pool:
+                rates = pool.map(lambda m: self._rate(lambda k: m.run(*self.batches[k % len(self.batches)]), seconds),
+                                 self.parallel)
+                self.parallel_samples.append(sum(rates))
         self.decode_samples.append(self._rate(
             lambda k: decode_and_run(self.model, self.packet_batches[k % len(self.packet_batches)]), seconds / 2))
 
     def report(self) -> dict:
         return {"compute_limit_rps": _median(self.samples), "decode_and_run_rps": _median(self.decode_samples),
-                "compute_limit_samples": self.samples, "batch": self.batch, "threads": self.threads}
+                "compute_limit_samples": self.samples, "batch": self.batch, "threads": self.threads,
+                "compute_limit_rps_sessions": {"1": _median(self.samples),
+                                               **({str(len(self.parallel)): _median(self.parallel_samples)}
+                                                  if self.parallel_samples else {})}}
 
 
 # --- servers ----------------------------------------------------------------------------------------
@@ -433,6 +529,7 @@ def compare(gen: LoadGenerator, servers: dict[str, ServerProcess], kinds: dict[s
             result["batch_sizes"] = _histogram_delta(before[name], servers[name].batch_histogram())
             ok = codes[name].get("OK", 0)
             result["server_cpu_us_per_request"] = 1e6 * cpu[name] / ok if ok and cpu[name] > 0 else float("nan")
+            result["load_generator"] = gen.generator_for(kinds[name])
             per_round[name].append(result)
     summary = {}
     for name in names:
@@ -451,6 +548,7 @@ def compare(gen: LoadGenerator, servers: dict[str, ServerProcess], kinds: dict[s
             "p99_ms": _median([x["p99_ms"] for x in runs]),
             "server_cpu_us_per_request": _median([x["server_cpu_us_per_request"] for x in runs]),
             "codes": total_codes, "batch_sizes": batches, "rounds": runs,
+            "load_generator": gen.generator_for(kinds[name]),
         }
     a, b = names
     pairs = list(zip(per_round[a], per_round[b]))
@@ -480,6 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-packets", type=int, default=400, help="test canvases turned into requests")
     parser.add_argument("--skip-padding", action="store_true", help="skip the pad-vs-bucket comparison")
     parser.add_argument("--skip-ray", action="store_true", help="skip Ray Serve (needs splitinfer[ray])")
+    parser.add_argument("--instances", type=int, default=2,
+                        help="--instances of the server InferStream is also measured on (default: %(default)s; "
+                             "1 skips that comparison)")
+    parser.add_argument("--load-generator", choices=("auto", "python"), default="auto",
+                        help="auto: InferStream clients from benchmarks/loadgen (Node.js) when node is installed, "
+                             "unary clients from Python; python: every client from Python (default: %(default)s)")
     parser.add_argument("--limit-s", type=float, default=1.0,
                         help="seconds of each compute-only sample (taken between comparisons)")
     parser.add_argument("--max-total-s", type=float, default=900.0, help="stop starting new windows after this")
@@ -497,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(shutil.copytree(args.model_dir, snapshot / "model"))
     pruned, full, packet_stats = build_requests(model_dir, args.n_packets)
     streamed = as_stream_requests(pruned, round(args.timeout_ms))
-    limit = ComputeLimit(model_dir, pruned, args.threads, args.max_batch_size)
+    limit = ComputeLimit(model_dir, pruned, args.threads, args.max_batch_size, sessions=args.instances)
     limit.sample(args.limit_s)
     common = ("--threads", str(args.threads), "--max-queue", "4096")
     servers = {
@@ -507,11 +611,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_padding:
         servers["bucket"] = ServerProcess(model_dir, "--max-batch-size", str(args.max_batch_size),
                                           "--padding", "bucket", *common)
-    gen = LoadGenerator({"pruned": pruned, "all_tokens": full, "pruned" + STREAM_SUFFIX: streamed}, args.processes)
+    if args.instances > 1:
+        servers["instances"] = ServerProcess(model_dir, "--max-batch-size", str(args.max_batch_size),
+                                             "--instances", str(args.instances), *common)
+    gen = LoadGenerator({"pruned": pruned, "all_tokens": full, "pruned" + STREAM_SUFFIX: streamed}, args.processes,
+                        node=args.load_generator == "auto" and NodeLoad.available())
     report: dict = {"packets": packet_stats, "settings": vars(args) | {"model_dir": str(args.model_dir),
                                                                         "out": str(args.out)},
                     "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "batching": {}, "streaming": {}, "ray": {},
-                    "tokens": None, "padding": None}
+                    "instances": {}, "tokens": None, "padding": None}
     on = servers["batching_on"]
     ray_server = None
     try:
@@ -524,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
                 gen, {"stream": on, "unary": on}, {"stream": "pruned" + STREAM_SUFFIX, "unary": "pruned"},
                 clients, args.rounds, args, deadline)
             limit.sample(args.limit_s)
+            if "instances" in servers:
+                report["instances"][str(clients)] = compare(
+                    gen, {"stream_instances": servers["instances"], "stream": on},
+                    {"stream_instances": "pruned" + STREAM_SUFFIX, "stream": "pruned" + STREAM_SUFFIX},
+                    clients, args.rounds, args, deadline)
+                limit.sample(args.limit_s)
         top = max(levels)
         report["tokens"] = compare(gen, {"pruned": on, "all_tokens": on}, {"pruned": "pruned", "all_tokens": "all_tokens"},
                                    top, args.rounds, args, deadline)
@@ -559,10 +673,13 @@ def _modes(report: dict) -> dict:
     """{mode: {clients: {rps, p50_ms, p99_ms}}}: each server mode at each client count, and its share of
     the compute-only limit. batching_off comes from its comparison with batching on, unary_batching and
     stream from theirs (side by side), Ray Serve from its own side-by-side comparison with unary."""
-    sources = {"batching_off": ("batching", "batching_off"), "unary_batching": ("streaming", "unary"),
-               "stream": ("streaming", "stream"), "ray_serve": ("ray", "ray_serve")}
+    instances = report["settings"]["instances"]
+    sources = {"batching_off": ("batching", "batching_off", 1), "unary_batching": ("streaming", "unary", 1),
+               "stream": ("streaming", "stream", 1), f"stream_{instances}_instances": ("instances", "stream_instances", instances),
+               "ray_serve": ("ray", "ray_serve", 1)}
+    limits = report["compute_limit_rps_sessions"]
     modes: dict = {}
-    for mode, (section, name) in sources.items():
+    for mode, (section, name, sessions) in sources.items():
         for clients, s in (report.get(section) or {}).items():
             if name not in s:
                 continue
@@ -570,7 +687,11 @@ def _modes(report: dict) -> dict:
             modes.setdefault(mode, {})[clients] = {
                 "rps": x["requests_per_s"], "p50_ms": x["p50_ms"], "p99_ms": x["p99_ms"],
                 "server_cpu_us_per_request": x["server_cpu_us_per_request"],
-                "of_compute_limit": x["requests_per_s"] / report["compute_limit_rps"]}
+                "load_generator": x.get("load_generator", "python"),
+                # against one session (the figure the other modes use) and against as many sessions
+                # side by side as the server computes batches at once (its own limit)
+                "of_compute_limit": x["requests_per_s"] / report["compute_limit_rps"],
+                "of_own_compute_limit": x["requests_per_s"] / limits.get(str(sessions), float("nan"))}
     return modes
 
 
@@ -590,17 +711,22 @@ def print_tables(report: dict) -> None:
               f"{ratio['p99_ms']:9.2f} | {batches}")
     errors = {f"{c}/{side}": s[side]["codes"] for c, s in report["batching"].items() for side in ("batching_on", "batching_off")}
     print("codes: " + "; ".join(f"{k} {v}" for k, v in errors.items()))
+    sessions = ", ".join(f"{n} session(s) side by side {v:.0f}" for n, v in report["compute_limit_rps_sessions"].items())
     print(f"\ncompute-only limit of server.onnx: {report['compute_limit_rps']:.0f} req/s (batch {report['batch']}, "
-          f"{report['threads']} thread(s), the same packets; with decode+pad+softmax {report['decode_and_run_rps']:.0f})")
-    print(f"{'mode':>15} | " + " | ".join(f"{c:>6} clients: req/s   p50   p99  x limit" for c in report["batching"]))
+          f"{report['threads']} thread(s), the same packets; with decode+pad+softmax {report['decode_and_run_rps']:.0f}); "
+          f"{sessions}")
+    print("x limit: against one session; x own: against as many sessions as the mode computes batches at once")
+    print(f"{'mode':>18} | " + " | ".join(f"{c:>6} clients: req/s   p50   p99 x limit  x own" for c in report["batching"]))
     for mode, by_clients in report["modes"].items():
         cells = []
         for clients in report["batching"]:
             x = by_clients.get(clients)
-            cells.append(f"{x['rps']:20.0f} {x['p50_ms']:5.1f} {x['p99_ms']:5.1f} {x['of_compute_limit']:7.2f}"
-                         if x else f"{'-':>20} {'':5} {'':5} {'':7}")
-        print(f"{mode:>15} | " + " | ".join(cells))
-    for section, (a, b) in (("streaming", ("stream", "unary")), ("ray", ("ray_serve", "unary"))):
+            cells.append(f"{x['rps']:20.0f} {x['p50_ms']:5.1f} {x['p99_ms']:5.1f} {x['of_compute_limit']:7.2f} "
+                         f"{x['of_own_compute_limit']:6.2f}" if x else f"{'-':>20} {'':5} {'':5} {'':7} {'':6}")
+        generators = sorted({x["load_generator"] for x in by_clients.values()})
+        print(f"{mode:>18} | " + " | ".join(cells) + f"   (clients: {', '.join(generators)})")
+    for section, (a, b) in (("streaming", ("stream", "unary")), ("instances", ("stream_instances", "stream")),
+                            ("ray", ("ray_serve", "unary"))):
         for clients, s in (report.get(section) or {}).items():
             r = s["ratio"]
             print(f"  {section} {clients:>3} clients: {a}/{b} req/s {r['requests_per_s']:.2f}, p50 {r['p50_ms']:.2f}, "

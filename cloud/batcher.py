@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from splitinfer.protos import DeadlineExceeded, Overloaded, ServerInternalError, SplitInferError, decode_tokens
+from splitinfer.protos import DeadlineExceeded, Overloaded, ServerInternalError, SplitInferError
+from splitinfer.protos.codec import decode_batch
 from splitinfer.protos import splitinfer_pb2 as pb
 
 from .engine import ServerHalf
@@ -115,14 +116,9 @@ def decode_and_run(model: ServerHalf, packets: Sequence[pb.TokenPacket],
     decode ms of the whole batch, compute ms of the whole batch).
     """
     start = time.perf_counter()
-    rows: list[np.ndarray] = []
-    outcomes: list[np.ndarray | SplitInferError | None] = []
-    for packet in packets:
-        try:
-            rows.append(decode_tokens(packet, model.packet_limits)[0])  # (K, d) float32
-            outcomes.append(None)
-        except SplitInferError as exc:
-            outcomes.append(exc)
+    decoded = decode_batch(list(packets), model.packet_limits)  # per packet: (K, d) float32 or InvalidPacket
+    rows = [d for d in decoded if not isinstance(d, SplitInferError)]
+    outcomes = [d if isinstance(d, SplitInferError) else None for d in decoded]
     decode_ms = (time.perf_counter() - start) * 1e3
     if not rows:
         return outcomes, decode_ms, 0.0
