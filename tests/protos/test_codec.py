@@ -196,3 +196,35 @@ def test_group_fields_on_float_packet_rejected():
     packet.group_size = 8
     with pytest.raises(InvalidPacket, match="int8/int4 only"):
         decode_tokens(packet, LIMITS)
+
+
+def test_decode_batch_agrees_with_decode_tokens_and_fails_only_the_bad_packets():
+    from splitinfer.protos.codec import decode_batch
+
+    packets = []
+    for i, (encoding, group, scale_dtype) in enumerate([("int4", 0, "fp16"), ("int8", 0, "fp32"), ("int4", 0, "fp16"),
+                                                        ("int8", 12, "fp16"), ("fp16", 0, "fp32"), ("int4", 0, "fp16")]):
+        tokens, positions = _tokens(k=3 + i, seed=i)
+        packets.append(encode_tokens(tokens, positions, CodecConfig(encoding, "zstd", group_size=group,
+                                                                    scale_dtype=scale_dtype)))
+    huge = pb.TokenPacket()
+    huge.CopyFrom(packets[1])
+    huge.scales = np.full(huge.num_tokens, 3e38, "<f4").tobytes()  # finite scales, tokens beyond the limit
+    nan = pb.TokenPacket()
+    nan.CopyFrom(packets[4])
+    nan.compression, nan.payload = pb.COMPRESSION_NONE, np.full((nan.num_tokens, DIM), np.nan, "<f2").tobytes()
+    shuffled = pb.TokenPacket()
+    shuffled.CopyFrom(packets[0])
+    shuffled.positions[:] = list(shuffled.positions)[::-1]
+    batch = [packets[0], huge, packets[1], nan, packets[2], shuffled, packets[3], packets[4], packets[5]]
+    decoded = decode_batch(batch, LIMITS)
+    assert len(decoded) == len(batch)
+    for packet, got in zip(batch, decoded):
+        try:
+            expected = decode_tokens(packet, LIMITS)[0]
+        except InvalidPacket as exc:
+            assert isinstance(got, InvalidPacket) and str(got) == str(exc)
+            continue
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, expected)
+    assert [isinstance(d, InvalidPacket) for d in decoded] == [False, True, False, True, False, True, False, False, False]
