@@ -9,6 +9,7 @@ is testable with plain protobuf messages. Every failure is a
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Protocol
 
@@ -103,23 +104,26 @@ def probabilities_from_logits(model: ServerHalf, logits: np.ndarray, rows: int) 
 
 def build_response(
     request: pb.InferRequest, model: LoadedModel, probabilities: np.ndarray, *,
-    decode_ms: float, compute_ms: float, received_at: float,
+    decode_ms: float, compute_ms: float, received_at: float, into: pb.InferResponse | None = None,
 ) -> pb.InferResponse:
     """One request's answer (C,) -> InferResponse (probabilities and label, or the embedding with
-    label -1); ServerInternalError if not finite."""
-    if not np.isfinite(probabilities).all():
+    label -1); ServerInternalError if not finite.
+
+    ``into``: an empty InferResponse to fill, such as a StreamResponse's own ``response`` field
+    (assigning a finished message to another copies it). This runs on the event loop once per
+    request: ndarray methods, not the np.* wrappers.
+    """
+    if not math.isfinite(probabilities.sum(dtype=np.float64)):  # NaN or inf anywhere
         what = "embedding" if model.task == "embedding" else "logits"
         raise ServerInternalError(f"model {model.name!r}: server half returned non-finite {what}")
+    response = pb.InferResponse() if into is None else into
+    response.request_id, response.model_version = request.request_id, model.version
     if model.task == "embedding":
-        response = pb.InferResponse(request_id=request.request_id, embedding=probabilities.tolist(), label=-1,
-                                    model_version=model.version)
+        response.embedding.extend(probabilities.tolist())
+        response.label = -1
     else:
-        response = pb.InferResponse(
-            request_id=request.request_id,
-            probabilities=probabilities.tolist(),
-            label=int(np.argmax(probabilities)),
-            model_version=model.version,
-        )
+        response.probabilities.extend(probabilities.tolist())
+        response.label = int(probabilities.argmax())
     timings = response.timings
     timings.decode_ms = decode_ms
     timings.compute_ms = compute_ms

@@ -139,15 +139,17 @@ class _Stream:
             self._answer_error(entry, exc)
             return
         probabilities, decode_ms, compute_ms = future.result()
+        request = entry.message.request
+        answer = pb.StreamResponse(request_id=request.request_id)
         try:
-            response = build_response(entry.message.request, entry.model, probabilities, decode_ms=decode_ms,
-                                      compute_ms=compute_ms, received_at=entry.received_at)
+            build_response(request, entry.model, probabilities, decode_ms=decode_ms, compute_ms=compute_ms,
+                           received_at=entry.received_at, into=answer.response)
         except Exception as exc:
             self._answer_error(entry, exc)
             return
         self._metrics.request_done(entry.model.name, "OK", time.perf_counter() - entry.received_at)
         self._done(entry)
-        self._answers.put_nowait(pb.StreamResponse(request_id=entry.message.request.request_id, response=response))
+        self._answers.put_nowait(answer)
 
     def _expire(self, entry: _Request) -> None:
         if not entry.answered:
