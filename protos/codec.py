@@ -143,29 +143,34 @@ def _quantize_per_token(tokens: np.ndarray, qmax: np.float32, scale_dtype: str) 
     """float32 (K, d) -> (q int8 (K, d), scales as stored: (K,) float16 or float32).
 
     One scale per token: the edge's hot path, in as few numpy calls as it takes (each costs about a
-    microsecond on a small device, more with cold caches right after the device half ran).
+    microsecond on a small device, more with cold caches right after the device half ran): the
+    checks read the K scales as a Python list, and rounding writes int8 directly.
     """
     scale = np.abs(tokens).max(axis=1)
     scale /= qmax
-    top = float(scale.max())
-    if not math.isfinite(top):  # NaN or inf anywhere in the tokens
+    values = scale.tolist()
+    if not math.isfinite(sum(values)):  # NaN or inf anywhere in the tokens
         raise ValueError("tokens contain NaN or inf")
     stored = scale
     if scale_dtype == "fp16":
-        if top > 65504.0:
+        if max(values) > 65504.0:
             raise ValueError("token values too large for float16 scales; use scale_dtype='fp32'")
         stored = scale.astype(np.float16)
         scale = stored.astype(np.float32)  # a float16 operand would make the division below slower
-    low = float(scale.min())
-    if low == 0.0:  # an all-zero token (or one below float16's range): scale 1, q = 0
+    # A scale below its storage type's smallest normal number is zero (an all-zero token, or one
+    # below float16's range: it gets scale 1 and q = 0) or lost precision, so that x / scale can
+    # land outside [-qmax, qmax]: only then the slow path. Otherwise |x / scale| <= qmax up to
+    # float rounding, which rint absorbs.
+    if min(values) >= (_FP16_MIN_NORMAL if scale_dtype == "fp16" else _FP32_MIN_NORMAL):
+        q = np.empty(tokens.shape, dtype=np.int8)
+        np.rint(tokens / scale[:, None], out=q, casting="unsafe")
+        return q, stored
+    if not scale.all():
         scale[scale == 0] = np.float32(1.0)
         stored = scale.astype(stored.dtype)
     q = tokens / scale[:, None]
     np.rint(q, out=q)
-    # |x / scale| <= qmax up to float rounding, which rint absorbs, unless a scale is subnormal in
-    # its storage type and lost precision: only then can a value land outside [-qmax, qmax]
-    if low < (_FP16_MIN_NORMAL if scale_dtype == "fp16" else _FP32_MIN_NORMAL):
-        np.clip(q, -qmax, qmax, out=q)
+    np.clip(q, -qmax, qmax, out=q)
     return q.astype(np.int8), stored
 
 
