@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import itertools
 import uuid
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Protocol
@@ -221,6 +222,7 @@ class EdgeRunner:
         self._encoder = TokenEncoder(codec if codec is not None else manifest.codec.config(), self.zstd_dictionary)
         self._point_settings: dict["OperatingPoint", tuple[OffloadPolicy, TokenEncoder]] = {}
         self._header = {"model": manifest.name, "manifest_sha256": manifest.sha256}
+        self._id_prefix, self._ids = uuid.uuid4().hex[:16], itertools.count()  # request ids: 32 hex digits
 
     @property
     def codec(self) -> CodecConfig:
@@ -278,7 +280,7 @@ class EdgeRunner:
                                 device_ms=device_ms, operating_point=point_id, tokens_total=n_tokens)
             return self._finish(result, chosen, device_mj)
 
-        request_id = uuid.uuid4().hex
+        request_id = f"{self._id_prefix}{next(self._ids):016x}"  # unique, and cheaper than a uuid4 each
         bytes_sent = tokens_sent = 0
         sent_at: float | None = None
         try:
