@@ -52,8 +52,9 @@ class ExportOptions:
     The default operating point is the one with the fewest mean bytes per request among the
     certified points whose calibration accuracy is within ``max_accuracy_drop`` of the most
     accurate certified point (when none is certified: among the points that offload everything;
-    embedding models, which never exit, choose the same way among all points). bottleneck: the learned bottleneck width to deploy: "auto" (the width,
-    or none, of that point), "none", or a trained width. encoding: the token encoding of the
+    embedding models, which never exit, choose the same way among all points). bottleneck: the
+    learned bottleneck width to deploy: "auto" (the width, or none, of that point), "none", or a
+    trained width. encoding: the token encoding of the
     default point ("auto" chooses like the bottleneck). mass / budget: token selection of the
     default point ("auto" chooses too). quantize "int8": also write device.int8.onnx.
     """
@@ -122,8 +123,8 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
     """Write the model folder (see the module docstring) and return its manifest.
 
     Measures the operating-point table on ``calibration``, certifies each setting's exit threshold,
-    deploys the bottleneck width of the cheapest certified point within the accuracy target, exports and verifies both halves, times
-    them in ONNX Runtime, and writes the manifest last (a folder without one is not a model).
+    deploys the bottleneck width of the cheapest certified point within the accuracy target,
+    exports and verifies both halves, times them in ONNX Runtime, and writes the manifest last (a folder without one is not a model).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
