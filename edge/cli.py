@@ -77,7 +77,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--max-bytes", type=_positive_float, help="mean request bytes")
     budget.add_argument("--max-latency-ms", type=_positive_float, help="mean latency, ms")
     budget.add_argument("--max-energy-mj", type=_positive_float, help="mean energy, mJ (device + radio + server)")
-    budget.add_argument("--min-accuracy", type=_mass, help="least expected accuracy (from the operating-point table)")
+    budget.add_argument("--min-accuracy", type=_mass,
+                        help="least accuracy: only operating points whose guaranteed accuracy (the table's "
+                             "lower confidence bound) reaches it are used")
     energy = p.add_argument_group("energy estimate")
     energy.add_argument("--device-profile", default="pi4", metavar="|".join(DEVICE_PROFILES) + "|FILE",
                         help="power profile of this device (default pi4)")

@@ -14,7 +14,9 @@ and afterwards updates one virtual queue per constraint with what the request *r
 (Neely, "Stochastic Network Optimization with Application to Communication and Queueing Systems",
 2010, ch. 4). penalty is minus the point's accuracy, rescaled to [-1, 0] over the table; with a
 ``min_accuracy`` constraint it is the point's bytes (or energy, given an energy model) rescaled to
-[0, 1]. Latency and energy costs are predicted from the measured bandwidth and round-trip time
+[0, 1], and only points whose accuracy floor (the lower confidence bound export recorded, or the
+measured accuracy in older folders) meets it are ever chosen: no request is served by a point that
+cannot promise the accuracy asked for. Latency and energy costs are predicted from the measured bandwidth and round-trip time
 (:class:`LinkMonitor`, an exponentially weighted least-squares fit of network time against bytes).
 
 Choice of V and what it buys. G_k is one worst-case request's cost in units of the limit (the
@@ -72,7 +74,9 @@ class Constraints:
     """Long-run limits per request; None = unconstrained. Any combination.
 
     max_bytes: mean request bytes. max_latency_ms: mean latency. max_energy_mj: mean energy (needs
-    an energy model). min_accuracy: least expected accuracy (from the table; the edge has no labels).
+    an energy model). min_accuracy: least accuracy of every point used: only points whose
+    :attr:`~splitinfer.protos.points.OperatingPoint.accuracy_floor` (the export's lower confidence
+    bound, or the measured accuracy in older folders; the edge has no labels) reaches it are chosen.
     """
 
     max_bytes: float | None = None
@@ -173,6 +177,10 @@ class LinkMonitor:
         return self.estimate
 
 
+def _floor_name(point: OperatingPoint) -> str:
+    return "measured accuracy" if point.accuracy_lower_bound is None else "guaranteed accuracy (lower confidence bound)"
+
+
 class BudgetController:
     """Picks an operating point per request under long-run :class:`Constraints` (module docstring).
 
@@ -199,17 +207,20 @@ class BudgetController:
                  warm_start: bool = True) -> None:
         if not points:
             raise ValueError("the controller needs at least one operating point")
+        original = points
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"v must be a finite number > 0, got {v!r}")
         if constraints.max_energy_mj is not None and energy is None:
             raise ValueError("max_energy_mj needs an energy model")
-        best = max(p.accuracy for p in points)
-        if constraints.min_accuracy is not None and constraints.min_accuracy > best:
-            raise ValueError(f"min_accuracy {constraints.min_accuracy} is above every operating point "
-                             f"(the most accurate measured {best:.4f})")
+        if constraints.min_accuracy is not None:
+            points = [p for p in points if p.accuracy_floor >= constraints.min_accuracy]
+            if not points:
+                best = max(original, key=lambda p: p.accuracy_floor)
+                raise ValueError(f"min_accuracy {constraints.min_accuracy} is above every operating point's "
+                                 f"{_floor_name(best)} (the best, {best.id}: {best.accuracy_floor:.4f})")
         self.points = list(points)
         self.constraints = constraints
-        self.default = default if default is not None else max(self.points, key=lambda p: (p.accuracy, -p.mean_bytes_per_request))
+        self.default = default if default is not None and default in self.points else max(self.points, key=lambda p: (p.accuracy, -p.mean_bytes_per_request))
         self.energy = energy
         self.v = float(v)
         self.link = link if link is not None else LinkMonitor()
@@ -314,7 +325,7 @@ class BudgetController:
             round_trip_ms = point.server_ms + self.link.estimate.transfer_ms(nbytes)
             offload = self.energy.radio_mj(nbytes, 64.0, round_trip_ms / 1e3) + self.energy.server_mj(point.server_ms / 1e3)
             return self.energy.device_mj(self.device_ms / 1e3), offload
-        return 1.0 - point.accuracy, 0.0  # min_accuracy, as an error rate
+        return 1.0 - point.accuracy_floor, 0.0  # min_accuracy, as an error rate
 
     def state(self) -> dict:
         """Queues (normalised backlog, in worst-case requests), the link estimate and starved constraints."""

@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     pred = np.array([r.label for r in results])
     offloaded = decided == "server"
     bytes_sent = np.array([r.bytes_sent for r in results])
+    guarantee = manifest.calibration.guarantee
     report = {
         "n_test": n,
         "accuracy_full_model": float((full_pred == labels).mean()),
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                           "reference": f"median of {reference.repeats}, device half and whole model alike ({how})"},
         "energy_profile": {"device": energy.device.name, "link": energy.link.name, "server": energy.server.name},
         "exit_threshold": manifest.exit_threshold,
+        "guarantee": guarantee.to_json() if guarantee is not None else None,
         "selection": {"mass": manifest.selection.mass, "budget": manifest.selection.budget},
         "codec": {"encoding": manifest.codec.encoding, "compression": manifest.codec.compression,
                   "zstd_dictionary": "zstd_dictionary" in manifest.files},
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": None,
     }
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["guarantee_line"] = guarantee.summary() if guarantee is not None else "none recorded (an older model folder)"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
@@ -242,6 +245,7 @@ def print_table(r: dict) -> None:
     print()
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
+    print(f"  guarantee (Learn-then-Test on the calibration split): {r['guarantee_line']}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="token encoding of the default operating point")
     p.add_argument("--no-plot", action="store_true", help="skip pareto.png")
     p.add_argument("--max-accuracy-drop", type=float, default=0.002,
-                   help="the default operating point is the cheapest within this of the most accurate measured point")
+                   help="the default operating point is the cheapest certified point within this of the most accurate one")
+    p.add_argument("--epsilon", type=float, default=0.01,
+                   help="tolerated accuracy loss against the whole model, certified by Learn-then-Test (default 0.01)")
+    p.add_argument("--delta", type=float, default=0.1,
+                   help="the certificate holds with probability >= 1 - delta over the calibration draw (default 0.1)")
     p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs (default: the whole split)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write an INT8 device half (static, calibrated; QDQ and QOperator tried) beside the float one")
@@ -195,6 +199,7 @@ def _export(args: argparse.Namespace) -> int:
     options = ExportOptions(name=str(name).replace(" ", "-"), opset=args.opset, mass=auto(args.mass, float),
                             budget=auto(args.budget, int), bottleneck=auto(args.bottleneck, int),
                             encoding=args.encoding, max_accuracy_drop=args.max_accuracy_drop,
+                            epsilon=args.epsilon, delta=args.delta,
                             calibration_size=args.calibration_size, quantize=args.quantize, plot=not args.no_plot)
     options.space_for(model)  # an option the model cannot take fails before any data is read
     if args.triton_provider is not None and args.triton is None:
@@ -214,7 +219,8 @@ def _export(args: argparse.Namespace) -> int:
               "split": manifest.split, "bottleneck": manifest.bottleneck, "exit_threshold": manifest.exit.threshold,
               "data": c.data, "n": c.n, "accuracy_full": c.accuracy_full, "accuracy_split": c.accuracy_split,
               "exit_rate": c.exit_rate, "mean_bytes_per_request": c.mean_bytes_per_request,
-              "files": sorted(manifest.files), "device_auto_choice": manifest.device_auto_choice}
+              "guarantee": c.guarantee.to_json(), "files": sorted(manifest.files),
+              "device_auto_choice": manifest.device_auto_choice}
     print(json.dumps(report, indent=2))
     if args.triton is not None:
         from .triton import TritonOptions, write_triton_repository

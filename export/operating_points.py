@@ -4,7 +4,8 @@ width, bits) costs and buys, measured on the calibration split.
 Accuracy comes from the torch model with the mirrors of the edge's functions (selection, int8/int4
 round trip with float16 scales); bytes come from the real codec and the real serialized
 ``InferRequest`` for every offloaded input. The table's Pareto front (accuracy up, mean bytes per
-request down) goes into the manifest for the edge's budget controller.
+request down) goes into the manifest for the edge's budget controller. Each config's exit threshold
+is certified by Learn-then-Test (:func:`certify_configs`, :mod:`splitinfer.protos.calibration`).
 """
 from __future__ import annotations
 
@@ -15,18 +16,22 @@ import numpy as np
 import torch
 
 from ..protos import splitinfer_pb2 as pb
+from ..protos.calibration import clopper_pearson_upper, learn_then_test, split_losses
 from ..protos.codec import CodecConfig, encode_tokens
 from ..protos.points import pareto_front
 from .adapters.split import SplitModel
 from .datasets import Dataset
 from .tokens import fake_quantize, select_tokens_mask, with_cls
 
-__all__ = ["SweepSpace", "Simulation", "simulate_configs", "points_for", "pareto_rows", "robust_threshold",
-           "plot_pareto", "NEVER_EXIT"]
+__all__ = ["SweepSpace", "Simulation", "simulate_configs", "points_for", "pareto_rows", "config_losses",
+           "certify_configs", "default_point", "plot_pareto", "NEVER_EXIT", "LTT_THRESHOLDS"]
 
 log = logging.getLogger(__name__)
 
 NEVER_EXIT = 1.0 + 1e-6
+# Learn-then-Test's candidate exit thresholds, fixed before any data is seen and ordered from the most
+# conservative (never exit) to the least: 1 - threshold on a geometric grid from 1e-7 to 0.9.
+LTT_THRESHOLDS = np.r_[NEVER_EXIT, 1.0, 1.0 - np.geomspace(1e-7, 0.9, 300)]
 SCALE_DTYPE = "fp16"
 COMPRESSION = "auto"
 
@@ -161,58 +166,70 @@ def simulate_configs(model: SplitModel, data: Dataset, space: SweepSpace, header
                       cat(exit_p), cat(full_p))
 
 
-def _outcome(sim: Simulation, key, threshold: float) -> dict:
+def _outcome(sim: Simulation, key, threshold: float, delta: float | None = None) -> dict:
+    """What config ``key`` buys and costs at ``threshold``; with ``delta`` (0/1 correctness only)
+    also the one-sided (1 - delta) Clopper-Pearson lower bound on its accuracy."""
     split_correct, nbytes, ntok = sim.configs[key]
     exits = sim.confidence >= threshold
     correct = np.where(exits, sim.exit_correct, split_correct)
     off = ~exits
-    return {
+    out = {
         "accuracy": float(correct.mean()),
         "exit_rate": float(exits.mean()),
         "mean_bytes_per_request": float(np.where(off, nbytes, 0).mean()),
         "mean_bytes_per_offload": float(nbytes[off].mean()) if off.any() else 0.0,
         "mean_tokens_per_offload": float(ntok[off].mean()) if off.any() else 0.0,
     }
+    if delta is not None:
+        wrong = int(round(len(correct) - correct.sum()))
+        out["accuracy_lower_bound"] = min(out["accuracy"], 1.0 - clopper_pearson_upper(wrong, len(correct), delta))
+    return out
 
 
-def robust_threshold(sim: Simulation, key, max_accuracy_drop: float) -> float:
-    """Lowest threshold t such that every threshold >= t keeps the accuracy within
-    ``max_accuracy_drop`` of the full model's (scan down from "never exit", stop at the first failure),
-    so one lucky low threshold is not chosen."""
-    target = sim.accuracy_full - max_accuracy_drop
-    candidates = np.unique(np.r_[sim.confidence, NEVER_EXIT])
-    chosen = candidates[-1]
-    split_correct = sim.configs[key][0]
-    order = np.argsort(sim.confidence, kind="stable")
-    correct_exit = sim.exit_correct[order]
-    correct_split = split_correct[order]
-    conf_sorted = sim.confidence[order]
-    n = len(order)
-    cum_split = np.r_[0, np.cumsum(correct_split)]
-    cum_exit_rev = np.r_[np.cumsum(correct_exit[::-1])[::-1], 0]
-    for t in candidates[::-1]:
-        below = int(np.searchsorted(conf_sorted, t, side="left"))  # offloaded count
-        acc = (cum_split[below] + cum_exit_rev[below]) / n
-        if acc < target - 1e-12:
-            break
-        chosen = t
-    return float(chosen)
+def config_losses(sim: Simulation, key, thresholds) -> np.ndarray:
+    """(m, n) 0/1 loss of config ``key`` against the whole model at each of m thresholds: 1 where the
+    whole model is right and the split system wrong (:func:`~splitinfer.protos.calibration.split_losses`)."""
+    return split_losses(sim.confidence, thresholds, sim.exit_correct, sim.configs[key][0], sim.full_correct)
 
 
-def points_for(sim: Simulation, space: SweepSpace, max_accuracy_drop: float, can_exit: bool = True) -> list[dict]:
-    """Every measured point: the calibrated (robust) threshold of each config plus the fixed grid
-    (only "never exit" for models that cannot exit)."""
+def certify_configs(sim: Simulation, epsilon: float, delta: float) -> dict:
+    """Learn-then-Test for every config (width, encoding, mass, budget) of ``sim``: fixed-sequence
+    testing down :data:`LTT_THRESHOLDS` at level delta / K for K configs (Bonferroni), so with
+    probability >= 1 - delta every certified (config, threshold) keeps its loss <= epsilon at once and
+    export may deploy any of them. Classification outcomes (0/1) only. -> {config: Certificate}."""
+    level = delta / len(sim.configs)
+    return {key: learn_then_test(config_losses(sim, key, LTT_THRESHOLDS), LTT_THRESHOLDS, epsilon, level)
+            for key in sim.configs}
+
+
+def points_for(sim: Simulation, space: SweepSpace, certificates: dict | None = None,
+               delta: float | None = None) -> list[dict]:
+    """Every measured point: the fixed threshold grid of each config plus its certified threshold
+    (``certified`` True) from ``certificates`` (:func:`certify_configs`; None for models that cannot
+    exit: only "never exit"). With ``delta``, each point carries its ``accuracy_lower_bound``."""
     points = []
     for key in sim.configs:
         w, enc, mass, budget = key
-        calibrated = robust_threshold(sim, key, max_accuracy_drop) if can_exit else NEVER_EXIT
-        grid = set(space.thresholds) if can_exit else {NEVER_EXIT}
-        for t in sorted(grid | {calibrated}):
+        cert = certificates[key] if certificates is not None else None
+        certified = cert.threshold if cert is not None and cert.certified else None
+        grid = set(space.thresholds) if certificates is not None else {NEVER_EXIT}
+        for t in sorted(grid | ({certified} if certified is not None else set())):
             points.append({
                 "width": w, "encoding": enc, "mass": mass, "budget": budget, "group_size": 0,
-                "threshold": round(float(t), 6), "calibrated": bool(t == calibrated), **_outcome(sim, key, t),
+                "threshold": float(t), "certified": t == certified, **_outcome(sim, key, t, delta),
             })
     return points
+
+
+def default_point(points: list[dict], max_accuracy_drop: float) -> tuple[dict, float]:
+    """The default operating point among rows of :func:`points_for` and the accuracy target it met:
+    the fewest mean bytes per request among the certified rows within ``max_accuracy_drop`` of the
+    most accurate certified row; with none certified, the same among the rows that never exit."""
+    candidates = [p for p in points if p["certified"]] or [p for p in points if p["threshold"] >= NEVER_EXIT]
+    target = max(p["accuracy"] for p in candidates) - max_accuracy_drop
+    chosen = min((p for p in candidates if p["accuracy"] >= target),
+                 key=lambda p: (p["mean_bytes_per_request"], -p["accuracy"], p["threshold"]))
+    return chosen, target
 
 
 def pareto_rows(points: list[dict]) -> list[dict]:

@@ -24,31 +24,37 @@ import onnxruntime
 import torch
 
 from ..protos import graphs
-from ..protos.manifest import (Calibration, CodecSpec, ExitSpec, FileRef, InputSpec, Manifest, SelectionSpec,
-                               TokenSpec, sha256_file, write_manifest)
+from ..protos.calibration import binomial_p_value, clopper_pearson_upper, min_calibration_size
+from ..protos.manifest import (Calibration, CodecSpec, ExitSpec, FileRef, Guarantee, InputSpec, Manifest,
+                               SelectionSpec, TokenSpec, sha256_file, write_manifest)
 from ..protos.points import OperatingPoint
 from .adapters.split import SplitModel
 from .datasets import Dataset
 from .halves import IR_VERSION_FOR_OPSET, export_halves, verify_parity
-from .operating_points import COMPRESSION, NEVER_EXIT, SCALE_DTYPE, SweepSpace, pareto_rows, plot_pareto, \
-    points_for, simulate_configs
+from .operating_points import COMPRESSION, NEVER_EXIT, SCALE_DTYPE, Simulation, SweepSpace, certify_configs, \
+    config_losses, default_point, pareto_rows, plot_pareto, points_for, simulate_configs
 
 __all__ = ["ExportOptions", "export_split_model", "export_checkpoint", "train_zstd_dictionary"]
 
 log = logging.getLogger(__name__)
 
 POINT_FIELDS = ("threshold", "mass", "budget", "encoding", "group_size", "accuracy", "exit_rate",
-                "mean_bytes_per_request", "mean_bytes_per_offload", "mean_tokens_per_offload")
+                "mean_bytes_per_request", "mean_bytes_per_offload", "mean_tokens_per_offload", "accuracy_lower_bound")
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """What to export and how to choose the default operating point.
 
+    The exit threshold of every setting is certified by Learn-then-Test: with probability >= 1 -
+    ``delta`` over the calibration draw, the split system loses at most ``epsilon`` accuracy against
+    the whole model on exchangeable inputs (see :class:`~splitinfer.protos.manifest.Guarantee`).
     The default operating point is the one with the fewest mean bytes per request among the
-    measured points whose calibration accuracy is within ``max_accuracy_drop`` of the most
-    accurate measured point. bottleneck: the learned bottleneck width to deploy: "auto" (the width,
-    or none, of that point), "none", or a trained width. encoding: the token encoding of the
+    certified points whose calibration accuracy is within ``max_accuracy_drop`` of the most
+    accurate certified point (when none is certified: among the points that offload everything;
+    embedding models, which never exit, choose the same way among all points). bottleneck: the
+    learned bottleneck width to deploy: "auto" (the width, or none, of that point), "none", or a
+    trained width. encoding: the token encoding of the
     default point ("auto" chooses like the bottleneck). mass / budget: token selection of the
     default point ("auto" chooses too). quantize "int8": also write device.int8.onnx.
     """
@@ -58,6 +64,8 @@ class ExportOptions:
     mass: float | str = "auto"
     budget: int | str = "auto"
     max_accuracy_drop: float = 0.002
+    epsilon: float = 0.01
+    delta: float = 0.1
     calibration_size: int | None = None
     bottleneck: int | str = "auto"
     encoding: str = "auto"
@@ -82,6 +90,10 @@ class ExportOptions:
             raise ValueError(f"encoding must be auto, fp32, fp16, int8 or int4, got {self.encoding!r}")
         if not 0.0 <= self.max_accuracy_drop < 1.0:
             raise ValueError(f"max_accuracy_drop must be in [0, 1), got {self.max_accuracy_drop}")
+        for name in ("epsilon", "delta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value!r}")
         if self.calibration_size is not None and self.calibration_size < 10:
             raise ValueError(f"calibration_size must be >= 10, got {self.calibration_size}")
         if self.quantize not in (None, "int8"):
@@ -110,9 +122,9 @@ class ExportOptions:
 def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions, calibration: Dataset) -> Manifest:
     """Write the model folder (see the module docstring) and return its manifest.
 
-    Measures the operating-point table on ``calibration``, deploys the bottleneck width of the
-    cheapest calibrated point within the accuracy target, exports and verifies both halves, times
-    them in ONNX Runtime, and writes the manifest last (a folder without one is not a model).
+    Measures the operating-point table on ``calibration``, certifies each setting's exit threshold,
+    deploys the bottleneck width of the cheapest certified point within the accuracy target,
+    exports and verifies both halves, times them in ONNX Runtime, and writes the manifest last (a folder without one is not a model).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -130,15 +142,25 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
     data = calibration.take(options.calibration_size)
     space = options.space_for(model)
     header = {"model": options.name, "manifest_sha256": "0" * 64, "request_id": "0" * 32}
+    can_exit = task == "classification"
+    if can_exit:
+        configs = len(space.widths) * len(space.encodings) * len(space.selections)
+        need = min_calibration_size(options.epsilon, options.delta / configs)
+        if len(data) < need:
+            raise ValueError(f"{len(data)} calibration inputs cannot certify any exit threshold at epsilon="
+                             f"{options.epsilon:g}, delta={options.delta:g} over {configs} settings (each tested "
+                             f"at delta/{configs}): that needs >= {need}; give more calibration data, a larger "
+                             "epsilon or delta, or pin --bottleneck/--encoding/--mass/--budget")
     sim = simulate_configs(model, data, space, header)
-    points = points_for(sim, space, options.max_accuracy_drop, can_exit=task == "classification")
-    target = max(p["accuracy"] for p in points) - options.max_accuracy_drop
-    chosen = min((p for p in points if p["accuracy"] >= target),
-                 key=lambda p: (p["mean_bytes_per_request"], -p["accuracy"], p["threshold"]))
+    certificates = certify_configs(sim, options.epsilon, options.delta) if can_exit else None
+    points = points_for(sim, space, certificates, options.delta if can_exit else None)
+    chosen, target = default_point(points, options.max_accuracy_drop)
     width = chosen["width"]
+    guarantee = guarantee_for(sim, chosen, options.epsilon, options.delta, len(sim.configs), can_exit)
     log.info("calibration on %d inputs: full accuracy %.4f; default point %s", len(data), sim.accuracy_full,
              {k: chosen[k] for k in ("width", "encoding", "mass", "budget", "threshold", "accuracy", "exit_rate",
                                      "mean_bytes_per_request")})
+    (log.info if guarantee.certified else log.warning)("guarantee: %s", guarantee.summary())
 
     device_path, server_path = export_halves(model, out_dir, options.opset, width)
     parity = verify_parity(model, device_path, server_path, width, atol=options.atol)
@@ -161,15 +183,16 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
     front = pareto_rows(deployed)
     if chosen not in front:
         front = sorted([*front, chosen], key=lambda p: p["mean_bytes_per_request"])
-    table = [OperatingPoint(id=f"p{i}", **{k: p[k] for k in POINT_FIELDS}, **timings) for i, p in enumerate(front)]
+    table = [OperatingPoint(id=f"p{i}", **{k: p.get(k) for k in POINT_FIELDS}, **timings) for i, p in enumerate(front)]
     default_id = table[front.index(chosen)].id
     (out_dir / "operating_points.json").write_text(json.dumps(
-        {"accuracy_full": sim.accuracy_full, "target": target, "deployed_width": width, "points": points}, indent=1) + "\n")
+        {"accuracy_full": sim.accuracy_full, "target": target, "deployed_width": width,
+         "guarantee": guarantee.to_json(), "points": points}, indent=1) + "\n")
     if options.plot:
         plot_pareto(points, front, chosen, out_dir / "pareto.png",
                     f"{options.name}: {len(points)} operating points on {len(data)} calibration inputs",
                     ids=[p.id for p in table])
-    print_front(table, default_id, width, backbone.dim)
+    print_front(table, default_id, width, backbone.dim, guarantee)
 
     if options.zstd_dictionary_bytes and chosen["encoding"] in ("int8", "int4"):
         import zstandard
@@ -205,13 +228,33 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
             data=calibration.name, n=len(data), accuracy_full=sim.accuracy_full, accuracy_split=chosen["accuracy"],
             exit_rate=chosen["exit_rate"], mean_bytes_per_request=chosen["mean_bytes_per_request"],
             mean_bytes_per_offload=chosen["mean_bytes_per_offload"],
-            mean_tokens_per_offload=chosen["mean_tokens_per_offload"], max_accuracy_drop=options.max_accuracy_drop),
+            mean_tokens_per_offload=chosen["mean_tokens_per_offload"], max_accuracy_drop=options.max_accuracy_drop,
+            guarantee=guarantee),
         bottleneck=width, device_auto_choice=auto_choice, info=info,
     )
     manifest = write_manifest(out_dir, manifest)
     log.info("exported %s (version %s) to %s in %.1f s", options.name, manifest.version, out_dir,
              time.perf_counter() - t0)
     return manifest
+
+
+def guarantee_for(sim: Simulation, point: dict, epsilon: float, delta: float, configurations: int,
+                  can_exit: bool) -> Guarantee:
+    """The :class:`Guarantee` of the deployed ``point`` (a row of :func:`points_for`): its loss on the
+    calibration split, p-value and Clopper-Pearson bound at delta / configurations, as it was tested."""
+    n = len(sim.confidence)
+    if not can_exit:
+        return Guarantee(epsilon, delta, n, "binomial", configurations, False, None, None, None,
+                         "an embedding model never answers on the device and its answers are scored by cosine "
+                         "to the whole model, not right/wrong: there is no exit threshold to certify")
+    key = (point["width"], point["encoding"], point["mass"], point["budget"])
+    losses = int(config_losses(sim, key, [point["threshold"]]).sum())
+    level = delta / configurations
+    reason = "" if point["certified"] else (
+        f"no exit threshold of any setting passed Learn-then-Test; the default point offloads every input "
+        f"and its own loss against the whole model is {losses / n:.4f} (bound {clopper_pearson_upper(losses, n, level):.4f})")
+    return Guarantee(epsilon, delta, n, "binomial", configurations, bool(point["certified"]),
+                     clopper_pearson_upper(losses, n, level), losses / n, binomial_p_value(losses, n, epsilon), reason)
 
 
 def _ref(path: Path) -> FileRef:
@@ -289,15 +332,20 @@ def time_halves(device_path: Path, server_path: Path, data: Dataset, tokens: flo
             "server_ms": median_ms(lambda: server.run(None, {graphs.TOKENS: codes, graphs.MASK: mask}))}
 
 
-def print_front(points: list[OperatingPoint], default_id: str, width, dim: int) -> None:
-    """The Pareto front as a table on stdout (the export CLI's intended output)."""
-    print(f"\nPareto front, bottleneck {width or dim}/{dim} (calibration split; * = default point)")
-    print(f"  {'id':>4} {'thr':>6} {'mass':>5} {'cap':>4} {'enc':>5} {'acc':>7} {'exit':>6} {'B/req':>8} {'B/offl':>8}")
+def print_front(points: list[OperatingPoint], default_id: str, width, dim: int, guarantee: Guarantee) -> None:
+    """The Pareto front as a table on stdout (the export CLI's intended output); acc>= is each point's
+    (1 - delta) lower confidence bound on its accuracy."""
+    print(f"\nPareto front, bottleneck {width or dim}/{dim} (calibration split, n={guarantee.n}; * = default point; "
+          f"acc>=: {1 - guarantee.delta:g} lower bound)")
+    print(f"  {'id':>4} {'thr':>8} {'mass':>5} {'cap':>4} {'enc':>5} {'acc':>7} {'acc>=':>7} {'exit':>6} "
+          f"{'B/req':>8} {'B/offl':>8}")
     for p in points:
         mark = "*" if p.id == default_id else " "
-        print(f"{mark} {p.id:>4} {min(p.threshold, 9.99):>6.3f} {p.mass:>5.2f} {p.budget:>4d} "
-              f"{p.encoding:>5} {p.accuracy:>7.4f} {p.exit_rate:>6.3f} {p.mean_bytes_per_request:>8.1f} "
-              f"{p.mean_bytes_per_offload:>8.1f}")
+        threshold = "never" if p.threshold >= NEVER_EXIT else f"{p.threshold:.6f}"
+        floor = "-" if p.accuracy_lower_bound is None else f"{p.accuracy_lower_bound:.4f}"
+        print(f"{mark} {p.id:>4} {threshold:>8} {p.mass:>5.2f} {p.budget:>4d} {p.encoding:>5} {p.accuracy:>7.4f} "
+              f"{floor:>7} {p.exit_rate:>6.3f} {p.mean_bytes_per_request:>8.1f} {p.mean_bytes_per_offload:>8.1f}")
+    print(f"guarantee of the default point: {guarantee.summary()}")
 
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, options: ExportOptions | None = None) -> Manifest:

@@ -34,7 +34,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["Certificate", "binomial_cdf", "binomial_p_value", "hoeffding_bentkus_p_value", "clopper_pearson_upper",
-           "upper_bounds", "learn_then_test", "split_losses", "METHODS"]
+           "upper_bounds", "learn_then_test", "split_losses", "min_calibration_size", "METHODS"]
 
 METHODS = ("binomial", "hoeffding_bentkus")
 
@@ -196,21 +196,26 @@ def learn_then_test(losses, thresholds, epsilon: float, delta: float, method: st
         raise ValueError("the exact binomial p-value needs 0/1 losses; use method='hoeffding_bentkus'")
     n = arr.shape[1]
     sums = arr.sum(axis=1)
-    chosen, p_chosen = None, None
-    p_first = None
-    for j, total in enumerate(sums):
-        p = binomial_p_value(total, n, epsilon) if method == "binomial" else \
-            hoeffding_bentkus_p_value(total / n, n, epsilon)
-        if p_first is None:
-            p_first = p
-        if p > delta:
-            break
-        chosen, p_chosen = j, p
-    if chosen is None:
-        return Certificate(epsilon, delta, n, None, 1.0, float(p_first), None, None, method)
+    if method == "binomial":  # every candidate's p-value at once: P(Binomial(n, epsilon) <= its losses)
+        p_values = np.atleast_1d(binomial_cdf(np.floor(sums + 1e-9), n, epsilon))
+    else:
+        p_values = np.array([hoeffding_bentkus_p_value(total / n, n, epsilon) for total in sums])
+    failed = np.flatnonzero(p_values > delta)
+    stop = int(failed[0]) if failed.size else len(sums)  # fixed-sequence: the first non-rejection ends it
+    if stop == 0:
+        return Certificate(epsilon, delta, n, None, 1.0, float(p_values[0]), None, None, method)
+    chosen, p_chosen = stop - 1, float(p_values[stop - 1])
     k = int(round(sums[chosen])) if method == "binomial" else math.ceil(sums[chosen] - 1e-9)
     return Certificate(epsilon, delta, n, float(thresholds[chosen]), clopper_pearson_upper(k, n, delta),
                        float(p_chosen), chosen, float(sums[chosen] / n), method)
+
+
+def min_calibration_size(epsilon: float, delta: float) -> int:
+    """The fewest calibration inputs with which Learn-then-Test can certify anything at (epsilon,
+    delta): even zero losses give the p-value (1 - epsilon)^n, which must reach delta."""
+    epsilon = _check_probability("epsilon", epsilon)
+    delta = _check_probability("delta", delta)
+    return max(1, math.ceil(math.log(delta) / math.log1p(-epsilon) - 1e-9))
 
 
 def split_losses(exit_score, thresholds, exit_correct, offload_correct, full_correct) -> np.ndarray:

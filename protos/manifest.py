@@ -28,7 +28,7 @@ from .errors import ManifestError
 from .points import OperatingPoint
 
 __all__ = ["MANIFEST_FORMAT", "MANIFEST_NAME", "TASKS", "INPUT_KINDS", "FileRef", "InputSpec", "TokenSpec", "ExitSpec",
-           "SelectionSpec", "CodecSpec", "Calibration", "Manifest", "load_manifest", "write_manifest", "sha256_file",
+           "SelectionSpec", "CodecSpec", "Guarantee", "Calibration", "Manifest", "load_manifest", "write_manifest", "sha256_file",
            "cpu_signature"]
 
 MANIFEST_FORMAT = "splitinfer-model/2"
@@ -233,9 +233,70 @@ class CodecSpec(_Section):
 
 
 @dataclass(frozen=True)
+class Guarantee(_Section):
+    """What Learn-then-Test (:mod:`splitinfer.protos.calibration`) certified for the default point.
+
+    Loss = the share of inputs the whole model answers right and the split system wrong; it bounds
+    the accuracy lost against the whole model. certified: with probability >= 1 - delta over the
+    draw of the n calibration inputs, the default point's loss on exchangeable inputs is <= epsilon.
+    Export tests each of ``configurations`` settings (bottleneck, encoding, mass, budget) down its
+    own threshold sequence at delta / configurations (Bonferroni), so the choice among them keeps
+    the level. bound: the (1 - delta) Clopper-Pearson upper bound on the default point's loss (at
+    delta / configurations, like the test; above epsilon when nothing was certified and the point
+    offloads everything); empirical: its mean loss and p_value its p-value on the calibration split.
+    reason: why nothing is certified ("" when it is); bound, empirical and p_value are None when no
+    test could run (an embedding model).
+    """
+
+    epsilon: float
+    delta: float
+    n: int
+    method: str
+    configurations: int
+    certified: bool
+    bound: float | None
+    empirical: float | None
+    p_value: float | None
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("epsilon", "delta"):
+            value = _number(name, getattr(self, name), 0.0, 1.0)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {value}")
+        _integer("n", self.n, 1)
+        _integer("configurations", self.configurations, 1)
+        from .calibration import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.certified, bool):
+            raise ValueError(f"certified must be true or false, got {self.certified!r}")
+        for name in ("bound", "empirical", "p_value"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), 0.0, 1.0)
+        if not isinstance(self.reason, str):
+            raise ValueError(f"reason must be a string, got {self.reason!r}")
+        if self.certified and (self.bound is None or self.reason):
+            raise ValueError("a certified guarantee has a bound and no reason")
+        if not self.certified and not self.reason:
+            raise ValueError("a guarantee that is not certified must say why (reason)")
+
+    def summary(self) -> str:
+        """One line for logs and reports."""
+        head = f"eps={self.epsilon:g}, delta={self.delta:g}, n={self.n}, {self.method}"
+        if self.certified:
+            return (f"certified: loss against the whole model <= {self.epsilon:g} with probability >= "
+                    f"{1 - self.delta:g} ({head}; bound {self.bound:.4f}, calibration loss {self.empirical:.4f})")
+        return f"not certified ({head}): {self.reason}"
+
+
+@dataclass(frozen=True)
 class Calibration(_Section):
     """Figures measured on the calibration split at export, for the default operating point.
-    ``accuracy_*`` are label accuracy (classification) or mean cosine to the whole model (embedding)."""
+    ``accuracy_*`` are label accuracy (classification) or mean cosine to the whole model (embedding).
+    guarantee: the default point's :class:`Guarantee` (None in folders exported before it existed).
+    """
 
     data: str
     n: int
@@ -246,11 +307,22 @@ class Calibration(_Section):
     mean_bytes_per_offload: float
     mean_tokens_per_offload: float
     max_accuracy_drop: float
+    guarantee: Guarantee | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, where: str):
+        if isinstance(data, Mapping) and isinstance(data.get("guarantee"), Mapping):
+            data = {**data, "guarantee": Guarantee.from_json(data["guarantee"], f"{where}.guarantee")}
+        return super().from_json(data, where)
 
     def __post_init__(self) -> None:
         _integer("n", self.n, 1)
         for name in ("accuracy_full", "accuracy_split", "exit_rate"):
             _number(name, getattr(self, name), -1.0, 1.0)
+        if self.guarantee is not None and not isinstance(self.guarantee, Guarantee):
+            raise ValueError(f"guarantee must be an object, got {type(self.guarantee).__name__}")
+        if self.guarantee is not None and self.guarantee.n != self.n:
+            raise ValueError(f"guarantee.n {self.guarantee.n} must equal n {self.n}")
 
 
 # --- the manifest ---------------------------------------------------------------------------------

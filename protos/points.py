@@ -41,6 +41,7 @@ class OperatingPoint:
     mean_tokens_per_offload: float = 0.0
     device_ms: float = 0.0
     server_ms: float = 0.0
+    accuracy_lower_bound: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -58,11 +59,20 @@ class OperatingPoint:
         for name in ("accuracy", "exit_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.accuracy_lower_bound is not None and not 0.0 <= self.accuracy_lower_bound <= self.accuracy:
+            raise ValueError(f"accuracy_lower_bound must be in [0, accuracy={self.accuracy}], got "
+                             f"{self.accuracy_lower_bound}")
         for name in ("mean_bytes_per_request", "mean_bytes_per_offload", "mean_tokens_per_offload",
                      "device_ms", "server_ms"):
             value = getattr(self, name)
             if not (value >= 0.0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
+
+    @property
+    def accuracy_floor(self) -> float:
+        """The accuracy a constraint may count on: the lower bound when export recorded one, else the
+        measured accuracy (older folders)."""
+        return self.accuracy if self.accuracy_lower_bound is None else self.accuracy_lower_bound
 
     @property
     def offload_rate(self) -> float:
@@ -95,11 +105,15 @@ class OperatingPoint:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON form; a missing bound is left out, so older folders keep their deployment hash."""
+        out = asdict(self)
+        if out["accuracy_lower_bound"] is None:
+            del out["accuracy_lower_bound"]
+        return out
 
     def compute_json(self) -> dict:
         """The fields that decide what the point computes and what export measured of its answers."""
-        return {k: v for k, v in asdict(self).items() if k not in TIMING_FIELDS}
+        return {k: v for k, v in self.to_dict().items() if k not in TIMING_FIELDS}
 
 
 def pareto_front(points: Sequence, accuracy=lambda p: p.accuracy, cost=lambda p: p.mean_bytes_per_request) -> list:

@@ -42,7 +42,8 @@ def make(name: str, out: Path) -> Path:
 
         backbone = BuiltinViT(SplitViT(ViTConfig(dim=32, depth=3, heads=2, split=1, bottleneck_dims=(8,))).eval())
         data = load_dataset("cluttered-mnist", "calibration", backbone, n=40)
-        options = ExportOptions(name="tiny", calibration_size=40, budget=8, quantize="int8", plot=False)
+        options = ExportOptions(name="tiny", calibration_size=40, budget=8, quantize="int8", epsilon=0.2,
+                                plot=False)
     else:
         import transformers
 
@@ -60,7 +61,7 @@ def make(name: str, out: Path) -> Path:
             data = load_dataset("docstrings", "calibration", backbone, n=80)
             torch.manual_seed(0)
             model = SplitModel(backbone, 1)
-            options = ExportOptions(name="tiny-text", calibration_size=80, plot=False)
+            options = ExportOptions(name="tiny-text", calibration_size=80, epsilon=0.1, plot=False)
             export_split_model(model, out, options, data)
             return out
     export_split_model(SplitModel(backbone, 1), out, options, data)

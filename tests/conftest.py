@@ -45,7 +45,7 @@ def trained_model_dir(tmp_path_factory) -> Path:
     from splitinfer.export.pipeline import ExportOptions, export_checkpoint
 
     out = tmp_path_factory.mktemp("trained_model")
-    export_checkpoint(CHECKPOINT, out, ExportOptions(name="vit-cluttered-mnist", calibration_size=200))
+    export_checkpoint(CHECKPOINT, out, ExportOptions(name="vit-cluttered-mnist", calibration_size=200, epsilon=0.05))
     return out
 
 

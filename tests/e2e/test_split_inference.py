@@ -136,7 +136,7 @@ def test_two_exports_of_the_shipped_checkpoint_serve_each_other(trained_model_di
     from splitinfer.export.pipeline import ExportOptions, export_checkpoint
 
     second = export_checkpoint(ROOT / "checkpoints" / "vit-cluttered-mnist.pt", tmp_path / "again",
-                               ExportOptions(name="vit-cluttered-mnist", calibration_size=200))
+                               ExportOptions(name="vit-cluttered-mnist", calibration_size=200, epsilon=0.05))
     first = load_manifest(trained_model_dir)
     assert second.sha256 == first.sha256 and second.version == first.version
     server, port = create_server(ModelRegistry.from_folders([trained_model_dir]), port=0)

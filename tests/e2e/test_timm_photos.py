@@ -77,7 +77,8 @@ def deit_folder(photos_and_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("deit_model")
     status = export_main(["export", "--adapter", "timm", "--timm-model", "deit_tiny_patch16_224",
                           "--checkpoint", str(checkpoint), "--num-classes", str(len(CLASSES)),
-                          "--data", f"imagefolder:{folder}", "--encoding", "fp32", "--no-plot", "--out", str(out)])
+                          "--data", f"imagefolder:{folder}", "--encoding", "fp32", "--epsilon", "0.7", "--no-plot",
+                          "--out", str(out)])
     assert status == 0
     return out
 
@@ -137,7 +138,7 @@ def test_timm_model_with_int8_and_a_trained_bottleneck(photos_and_model, tmp_pat
                         "--batch-size", "4", "--out", str(heads), "--no-progress"]) == 0
     out = tmp_path / "deit-int8"
     assert export_main(["export", *model, "--heads", str(heads), "--quantize", "int8", "--bottleneck", "48",
-                        "--encoding", "int8", "--no-plot", "--out", str(out)]) == 0
+                        "--encoding", "int8", "--epsilon", "0.7", "--no-plot", "--out", str(out)]) == 0
     for name in ("device.int8.onnx", "zstd.dict", "operating_points.json"):
         assert (out / name).is_file(), name
     m = load_manifest(out)

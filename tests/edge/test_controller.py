@@ -127,6 +127,21 @@ def test_min_accuracy_minimises_bytes(points):
     assert np.mean(out["bytes"]) < points[-1].mean_bytes_per_request
 
 
+def test_min_accuracy_counts_on_the_lower_bound_not_the_measured_accuracy(points):
+    """With bounds in the table, a point whose measured accuracy meets min_accuracy but whose bound
+    does not is never chosen; with no point's bound high enough the controller refuses to start."""
+    bounded = [point(p.id, accuracy_lower_bound=p.accuracy - 0.01) for p in points]  # t90: 0.96 measured, 0.95 bound
+    controller = BudgetController(bounded, Constraints(min_accuracy=0.953))
+    out = run(controller, 2000, seed=5)
+    assert set(out["chosen"]) == {"always"}  # the only point whose bound reaches 0.953
+    assert {p.id for p in BudgetController(points, Constraints(min_accuracy=0.953)).points} == {"t90", "always"}
+    with pytest.raises(ValueError, match=r"guaranteed accuracy .* \(the best, always: 0.9550\)"):
+        BudgetController(bounded, Constraints(min_accuracy=0.96))
+    mixed = BudgetController(bounded, Constraints(min_accuracy=0.94, max_bytes=600.0))
+    assert all(p.accuracy_lower_bound >= 0.94 for p in mixed.points)
+    assert all(p.accuracy_floor >= 0.94 for p in (mixed.choose() for _ in range(50)))
+
+
 def test_energy_limit_needs_a_model_and_holds(points):
     with pytest.raises(ValueError, match="energy model"):
         BudgetController(points, Constraints(max_energy_mj=1.0))

@@ -50,7 +50,7 @@ def export_quick(model: SplitModel, out: Path, data: Dataset | None = None, **op
         data = Dataset("random", {"image": backbone.example_inputs(12, seed=1)["image"].numpy()})
     elif data is None:
         data = load_dataset("docstrings", "calibration", backbone, n=24)
-    options = {"name": "m", "plot": False, **options}
+    options = {"name": "m", "plot": False, "epsilon": 0.5, **options}
     return export_split_model(model, out, ExportOptions(**options), data)
 
 
@@ -241,7 +241,7 @@ def test_cli_finetune_then_export_with_heads(tmp_path, capsys):
                  "--max-length", "16", "--batch-size", "4", "--texts", str(texts), "--out", str(heads),
                  "--no-progress"]) == 0
     assert main(["export", "--adapter", "hf", "--hf-model", str(folder), "--split", "1", "--max-length", "16",
-                 "--heads", str(heads), "--budget", "4", "--calibration-size", "16", "--no-plot",
+                 "--heads", str(heads), "--budget", "4", "--calibration-size", "16", "--epsilon", "0.5", "--no-plot",
                  "--out", str(tmp_path / "out")]) == 0
     data = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert data["selection"]["importance"] == "learned" and data["selection"]["budget"] == 4
@@ -263,7 +263,7 @@ def test_cli_text_model_with_int8_and_a_trained_bottleneck(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["export", "--adapter", "hf", "--hf-model", str(folder), "--split", "1", "--max-length", "24",
                  "--heads", str(heads), "--quantize", "int8", "--bottleneck", "8", "--encoding", "int4",
-                 "--data", "docstrings", "--calibration-size", "40", "--out", str(out)]) == 0
+                 "--data", "docstrings", "--calibration-size", "40", "--epsilon", "0.3", "--out", str(out)]) == 0
     for name in ("device.int8.onnx", "zstd.dict", "operating_points.json", "pareto.png", "tokenizer.json"):
         assert (out / name).is_file(), name
     m = load_manifest(out)

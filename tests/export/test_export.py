@@ -15,7 +15,8 @@ from splitinfer.export.adapters.vit import BuiltinViT
 from splitinfer.export.datasets import load_dataset
 from splitinfer.export.halves import ParityError, verify_parity
 from splitinfer.export.model import SplitViT, ViTConfig
-from splitinfer.export.operating_points import Simulation, pareto_rows, robust_threshold
+from splitinfer.export.operating_points import (NEVER_EXIT, Simulation, SweepSpace, certify_configs, default_point,
+                                                pareto_rows, points_for)
 from splitinfer.export.pipeline import ExportOptions, export_split_model
 from splitinfer.protos import ManifestError, load_manifest
 
@@ -84,12 +85,36 @@ def _simulation(n=1000, seed=0):
     return Simulation(labels, confidence, exit_correct, np.ones(n), configs), key
 
 
-def test_robust_threshold_keeps_accuracy():
+def test_certified_threshold_keeps_the_loss_and_every_point_has_its_bound():
+    """Exit head wrong below 0.6, server and whole model always right: the certified threshold sits
+    just below 0.6 (a few losses allowed at epsilon 1%), a larger epsilon certifies a lower one, and
+    every measured point carries a Clopper-Pearson accuracy floor."""
     sim, key = _simulation()
-    t = robust_threshold(sim, key, max_accuracy_drop=0.0)
-    assert 0.59 < t <= 0.61
-    # a looser target allows a lower threshold, never a higher one
-    assert robust_threshold(sim, key, max_accuracy_drop=0.05) <= t
+    space = SweepSpace(widths=(None,), encodings=("int8",), selections=((0.9, 16),))
+    cert = certify_configs(sim, 0.01, 0.1)[key]
+    assert cert.certified and 0.59 < cert.threshold <= 0.6 and cert.bound <= 0.01
+    assert certify_configs(sim, 0.05, 0.1)[key].threshold < cert.threshold
+    points = points_for(sim, space, {key: cert}, 0.1)
+    chosen, _ = default_point(points, 0.002)
+    assert chosen["certified"] and chosen["threshold"] == cert.threshold
+    assert [p["threshold"] for p in points if p["certified"]] == [cert.threshold]
+    assert all(0 <= p["accuracy_lower_bound"] <= p["accuracy"] for p in points)
+    # nothing certified (the server is wrong on a quarter of what it gets): offload everything, say so
+    bad = Simulation(sim.labels, sim.confidence, sim.exit_correct, sim.full_correct,
+                     {key: (np.r_[np.zeros(250), np.ones(750)], *sim.configs[key][1:])})
+    none = points_for(bad, space, certify_configs(bad, 0.01, 0.1), 0.1)
+    chosen, _ = default_point(none, 0.002)
+    assert not any(p["certified"] for p in none) and chosen["threshold"] == NEVER_EXIT
+
+
+def test_guarantee_options_are_checked(tmp_path):
+    for bad in (dict(epsilon=0.0), dict(epsilon=1.0), dict(delta=0.0), dict(delta=1.5), dict(epsilon="0.1")):
+        with pytest.raises(ValueError, match="epsilon|delta"):
+            ExportOptions(**bad)
+    data = load_dataset("cluttered-mnist", "calibration", tiny_vit().backbone, n=20)
+    with pytest.raises(ValueError, match=r"20 calibration inputs cannot certify .* needs >= \d+"):
+        export_split_model(tiny_vit(), tmp_path / "small", ExportOptions(name="tiny", budget=8, plot=False), data)
+    assert not (tmp_path / "small" / "manifest.json").exists()
 
 
 def test_pareto_front_keeps_only_undominated_points():
@@ -107,7 +132,7 @@ def test_bottleneck_export_parity_and_manifest(tmp_path):
     model = tiny_vit(bottleneck_dims=(8,))
     data = load_dataset("cluttered-mnist", "calibration", model.backbone, n=20)
     manifest = export_split_model(model, tmp_path, ExportOptions(name="tiny-bn", budget=4, bottleneck=8,
-                                                                 encoding="int4", plot=False), data)
+                                                                 encoding="int4", epsilon=0.3, plot=False), data)
     assert manifest.tokens.dim == 8 and manifest.tokens.model_dim == 32 and manifest.bottleneck == 8
     m = load_manifest(tmp_path)
     worst = verify_parity(model, m.device_path, m.server_path, width=8, batch_sizes=(1, 2))
@@ -133,12 +158,15 @@ def test_same_model_same_options_same_hash_other_options_other_version(tmp_path)
     """The deployment hash covers what the halves compute with, not timings: two exports of the
     same weights agree; a different option gives a different version."""
     data = load_dataset("cluttered-mnist", "calibration", tiny_vit().backbone, n=20)
-    options = ExportOptions(name="tiny", budget=8, plot=False)
+    options = ExportOptions(name="tiny", budget=8, epsilon=0.3, plot=False)
     a = export_split_model(tiny_vit(), tmp_path / "a", options, data)
     b = export_split_model(tiny_vit(), tmp_path / "b", options, data)
     assert a.sha256 == b.sha256 and a.version == b.version
+    g = a.calibration.guarantee
+    assert (g.epsilon, g.delta, g.n, g.configurations) == (0.3, 0.1, 20, 6) and g == b.calibration.guarantee
+    assert g.certified or a.exit.threshold >= NEVER_EXIT  # never a bound that was not certified
     assert a.info["timings"] is not None  # measured, and still outside the hash
-    c = export_split_model(tiny_vit(), tmp_path / "c", ExportOptions(name="tiny", budget=4, plot=False), data)
+    c = export_split_model(tiny_vit(), tmp_path / "c", ExportOptions(name="tiny", budget=4, epsilon=0.3, plot=False), data)
     assert c.version != a.version
 
 

@@ -58,7 +58,7 @@ def test_export_cli_writes_the_repository_after_a_successful_export(tmp_path: Pa
     from splitinfer.export.cli import main
 
     ckpt = Path(__file__).resolve().parents[2] / "checkpoints" / "vit-cluttered-mnist.pt"
-    base = ["export", "--checkpoint", str(ckpt), "--calibration-size", "20", "--no-plot", "--triton", str(tmp_path / "triton")]
+    base = ["export", "--checkpoint", str(ckpt), "--calibration-size", "20", "--epsilon", "0.5", "--no-plot", "--triton", str(tmp_path / "triton")]
     assert main([*base, "--bottleneck", "12", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "triton").exists()  # a failed export writes nothing
     assert main([*base, "--out", str(tmp_path / "m")]) == 0

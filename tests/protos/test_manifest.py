@@ -68,3 +68,43 @@ def test_manifest_refuses_unknown_and_missing_fields(tiny_model_dir, tmp_path):
             load_manifest(folder)
 
 
+
+
+def test_the_guarantee_is_recorded_and_validated(tiny_model_dir, tmp_path):
+    m = load_manifest(tiny_model_dir)
+    g = m.calibration.guarantee
+    assert g is not None and g.n == m.calibration.n and 0 < g.epsilon < 1 and 0 < g.delta < 1
+    assert g.certified == (g.reason == "") and (not g.certified or g.bound is not None)
+    assert all(p.accuracy_lower_bound is not None and p.accuracy_floor == p.accuracy_lower_bound <= p.accuracy
+               for p in m.operating_points)
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    for change, message in ((lambda d: d["calibration"]["guarantee"].update(epsilon=0.0), "epsilon"),
+                            (lambda d: d["calibration"]["guarantee"].update(delta=1.0), "delta"),
+                            (lambda d: d["calibration"]["guarantee"].update(extra=1), "calibration.guarantee.extra"),
+                            (lambda d: d["calibration"]["guarantee"].pop("bound"), "calibration.guarantee.bound"),
+                            (lambda d: d["calibration"]["guarantee"].update(certified=True, reason="x"), "reason"),
+                            (lambda d: d["calibration"]["guarantee"].update(certified=False, reason=""), "say why"),
+                            (lambda d: d["calibration"]["guarantee"].update(n=1), "guarantee.n")):
+        broken = json.loads(json.dumps(data))
+        change(broken)
+        (folder / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(ManifestError, match=message):
+            load_manifest(folder)
+
+
+def test_a_folder_exported_before_the_guarantee_still_loads(tiny_model_dir, tmp_path):
+    """No calibration.guarantee, no accuracy_lower_bound on the points: it loads, the controller falls
+    back to the measured accuracy, and a point without a bound hashes as before bounds existed."""
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    del data["calibration"]["guarantee"], data["version"]
+    for p in data["operating_points"]:
+        del p["accuracy_lower_bound"]
+    (folder / "manifest.json").write_text(json.dumps(data))
+    old = load_manifest(folder)
+    assert old.calibration.guarantee is None
+    assert all(p.accuracy_lower_bound is None and p.accuracy_floor == p.accuracy for p in old.operating_points)
+    assert all("accuracy_lower_bound" not in p.to_dict() for p in old.operating_points)
