@@ -246,11 +246,20 @@ class Calibration(_Section):
     mean_bytes_per_offload: float
     mean_tokens_per_offload: float
     max_accuracy_drop: float
+    disagreement: float | None = None  # share of the inputs answered on the device where the server's answer differs
 
     def __post_init__(self) -> None:
         _integer("n", self.n, 1)
         for name in ("accuracy_full", "accuracy_split", "exit_rate"):
             _number(name, getattr(self, name), -1.0, 1.0)
+        if self.disagreement is not None:
+            _number("disagreement", self.disagreement, 0.0, 1.0)
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        if self.disagreement is None:  # optional: manifests without it stay as they were
+            del out["disagreement"]
+        return out
 
 
 # --- the manifest ---------------------------------------------------------------------------------
