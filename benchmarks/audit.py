@@ -224,9 +224,9 @@ def plot(path: Path, name: str, shifted: dict, labels: np.ndarray, in_dist: dict
     t = np.arange(window, len(labels) + 1)
     curves = {"audit on (seed 0)": shifted["_example"], "audit off": shifted["_off"],
               "offload everything": shifted["_everything"]}
-    for (name, r), style in zip(curves.items(), ("-", "--", ":")):
-        axes[0].plot(t, np.convolve(r["answer"] == labels, kernel, mode="valid"), linestyle=style, label=name)
-        axes[1].plot(t, np.convolve(r["offloaded"], kernel, mode="valid"), linestyle=style, label=name)
+    for (label, r), style in zip(curves.items(), ("-", "--", ":")):
+        axes[0].plot(t, np.convolve(r["answer"] == labels, kernel, mode="valid"), linestyle=style, label=label)
+        axes[1].plot(t, np.convolve(r["offloaded"], kernel, mode="valid"), linestyle=style, label=label)
     ex = shifted["_example"]["alarm"]
     for ax in axes[:2]:
         ax.axvspan(shifted["shift_at"], shifted["shift_ends_at"], color="orange", alpha=0.12, label="shifted inputs")
