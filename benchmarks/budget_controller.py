@@ -13,6 +13,11 @@
    bytes per request, and a mean-latency limit that the controller meets by reacting to the trace.
    Each budget run is reported next to the best static point whose mean bytes on the same requests
    stay within the budget.
+4. Battery: the same requests at a fixed rate (``--battery-rate``, one every 2 s) over the horizon
+   they fill, on the laptop profile's battery, under ``--max-battery-percent`` set halfway between
+   never offloading and the unconstrained run (edge/battery.py BatteryLimit re-prices the
+   controller's device-energy limit at the observed rate before each request, as the edge CLI does);
+   the battery share spent (device half + radio) against that share.
 
 Prints a table, writes ``benchmarks/results/budget_controller.json`` and ``.png``.
 """
@@ -159,8 +164,10 @@ def bandwidth_trace(n: int, seed: int, low_bps: float = 0.2e6, high_bps: float =
 
 
 def simulate(points, outcomes: Outcomes, draws: np.ndarray, bw: np.ndarray, rtt: np.ndarray, energy,
-             constraints=None, static: int | None = None, v: float = 100.0, **options) -> dict:
-    """Run ``draws`` through the controller (or always point ``static``); per-request arrays."""
+             constraints=None, static: int | None = None, v: float = 100.0, battery=None, rate: float = 1.0,
+             **options) -> dict:
+    """Run ``draws`` through the controller (or always point ``static``); per-request arrays. battery:
+    a BatteryLimit told of each request, arriving at ``rate`` per second, before the choice."""
     from splitinfer.edge.controller import BudgetController, Constraints, LinkEstimate, RequestCost
 
     controller = None
@@ -173,7 +180,10 @@ def simulate(points, outcomes: Outcomes, draws: np.ndarray, bw: np.ndarray, rtt:
     correct = np.empty(n, dtype=bool)
     latency = np.empty(n)
     energy_mj = np.empty(n)
+    device_energy_mj = np.empty(n)
     for t, i in enumerate(draws):
+        if battery is not None:
+            battery.before_request(controller, at=t / rate)
         if controller is not None:
             controller.link.set(LinkEstimate(bw[t], rtt[t]))
             p = index[controller.choose().id]
@@ -183,12 +193,15 @@ def simulate(points, outcomes: Outcomes, draws: np.ndarray, bw: np.ndarray, rtt:
         round_trip = (rtt[t] + 8e3 * (b + RESPONSE_BYTES) / bw[t] + outcomes.server_ms) if b else 0.0
         chosen[t], sent[t], correct[t] = p, b, outcomes.correct[p, i]
         latency[t] = outcomes.device_ms[i] + round_trip
-        energy_mj[t] = energy.estimate(energy.device_mj(outcomes.device_ms[i] / 1e3), b, RESPONSE_BYTES if b else 0,
-                                       round_trip / 1e3, outcomes.server_ms / 1e3 if b else 0.0).total_mj
+        estimate = energy.estimate(energy.device_mj(outcomes.device_ms[i] / 1e3), b, RESPONSE_BYTES if b else 0,
+                                   round_trip / 1e3, outcomes.server_ms / 1e3 if b else 0.0)
+        energy_mj[t], device_energy_mj[t] = estimate.total_mj, estimate.device_mj + estimate.radio_mj
         if controller is not None:
             controller.observe_confidence(outcomes.confidence[i], outcomes.device_ms[i])
-            controller.update(points[p], RequestCost(b, latency[t], energy_mj[t], points[p].accuracy))
-    return {"point": chosen, "bytes": sent, "correct": correct, "latency_ms": latency, "energy_mj": energy_mj}
+            controller.update(points[p], RequestCost(b, latency[t], energy_mj[t], points[p].accuracy,
+                                                     device_energy_mj[t]))
+    return {"point": chosen, "bytes": sent, "correct": correct, "latency_ms": latency, "energy_mj": energy_mj,
+            "device_energy_mj": device_energy_mj}
 
 
 def summary(run: dict, points) -> dict:
@@ -280,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--v", type=float, default=100.0, help="drift-plus-penalty weight V")
     parser.add_argument("--device-profile", default="pi4")
     parser.add_argument("--link", default="wifi")
+    parser.add_argument("--battery-rate", type=float, default=0.5, help="requests per second in the battery run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "budget_controller.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -327,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     s = summary(run, points)
     rows.append({"run": "latency", "limit": latency_limit, **s, "ratio": s["mean_latency_ms"] / latency_limit,
                  "best_static": best_static(statics, points, latency_limit, key="mean_latency_ms")})
+    battery = battery_run(points, outcomes, draws, bw, rtt, args)
     for run in runs.values():
         run["bw"] = bw
 
@@ -340,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         "server_ms": outcomes.server_ms, "device_ms_p50": float(np.median(outcomes.device_ms)),
         "operating_points": [{**p.to_dict(), "test": statics[k]} for k, p in enumerate(points)],
         "runs": rows,
-        "within_2_percent": {r["run"]: abs(r["ratio"] - 1) <= 0.02 for r in rows if r["run"].startswith("bytes")},
+        "within_2_percent": {**{r["run"]: abs(r["ratio"] - 1) <= 0.02 for r in rows if r["run"].startswith("bytes")},
+                             "battery": bool(abs(battery["ratio"] - 1) <= 0.02)},
+        "battery": battery,
         "precompute_seconds": round(t_pre, 1), "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +366,38 @@ def main(argv: list[str] | None = None) -> int:
     plot(png, runs, budgets)
     print(f"\nwrote {args.out} and {png}")
     return 0
+
+
+def battery_run(points, outcomes: Outcomes, draws: np.ndarray, bw: np.ndarray, rtt: np.ndarray, args) -> dict:
+    """--max-battery-percent on the laptop profile's battery: requests at a fixed rate over the horizon
+    they fill, the share halfway between never offloading and the unconstrained run's."""
+    from splitinfer.edge.battery import BatteryBudget, BatteryLimit, battery_capacity, projected_percent
+    from splitinfer.edge.controller import Constraints
+    from splitinfer.edge.energy import EnergyModel
+
+    energy = EnergyModel.named("laptop", args.link)
+    capacity = battery_capacity(energy.device, root=Path("/nonexistent"))  # the profile's, not this machine's
+    rate, horizon_h = args.battery_rate, len(draws) / args.battery_rate / 3600.0
+    cheapest = min(range(len(points)), key=lambda k: points[k].mean_bytes_per_request)
+    floor = simulate(points, outcomes, draws, bw, rtt, energy, static=cheapest)["device_energy_mj"].mean()
+    top = simulate(points, outcomes, draws, bw, rtt, energy, v=args.v)["device_energy_mj"].mean()
+    share = projected_percent(0.5 * (floor + top), rate, horizon_h, capacity.wh)
+    limit = BatteryLimit(BatteryBudget(capacity, share, horizon_h))
+    run = simulate(points, outcomes, draws, bw, rtt, energy, Constraints(max_device_energy_mj=limit.limit_mj),
+                   v=args.v, battery=limit, rate=rate)
+    spent = 100.0 * float(run["device_energy_mj"].sum()) / (capacity.wh * 3600.0 * 1000.0)
+    out = {"device_profile": energy.device.name, "battery_wh": capacity.wh, "requests": len(draws),
+           "requests_per_s": rate, "horizon_h": horizon_h, "max_battery_percent": share,
+           "spent_battery_percent": spent, "ratio": spent / share,
+           "never_offloading_percent": projected_percent(floor, rate, horizon_h, capacity.wh),
+           "unconstrained_percent": projected_percent(top, rate, horizon_h, capacity.wh),
+           "limit_mj_per_request": limit.limit_mj, "accuracy": float(run["correct"].mean()),
+           "offload_rate": float((run["bytes"] > 0).mean())}
+    print(f"battery: {share:.4f}% of {capacity.wh:g} Wh allowed over {horizon_h:.2f} h at {rate:g} requests/s "
+          f"({len(draws):,} requests); spent {spent:.4f}% (ratio {out['ratio']:.3f}; never offloading "
+          f"{out['never_offloading_percent']:.4f}%, unconstrained {out['unconstrained_percent']:.4f}%), "
+          f"accuracy {out['accuracy']:.4f}")
+    return out
 
 
 def print_table(rows: list[dict]) -> None:

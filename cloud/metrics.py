@@ -10,6 +10,8 @@ splitinfer_batch_size                          histogram  model: requests per se
 splitinfer_batch_compute_seconds               histogram  model: one batch in ONNX Runtime (padding included)
 splitinfer_request_tokens                      histogram  model: tokens per request, CLS included
 splitinfer_received_bytes_total                counter    model: serialized InferRequest bytes received
+splitinfer_audit_requests_total                counter    model: received requests marked as field audits (purpose AUDIT)
+splitinfer_drift_alarm_requests_total          counter    model: received requests sent while the edge's audit flags drift
 splitinfer_queue_depth                         gauge      model, version: requests waiting for a batch (at scrape)
 splitinfer_in_flight                           gauge      model, version: requests queued or computing (at scrape)
 splitinfer_unauthenticated_total               counter    calls refused UNAUTHENTICATED
@@ -85,6 +87,10 @@ class ServerMetrics:
                                  buckets=_TOKEN_BUCKETS, registry=r)
         self._bytes = Counter("splitinfer_received_bytes", "Serialized InferRequest bytes received", ["model"],
                               registry=r)
+        self._audits = Counter("splitinfer_audit_requests", "Received requests marked as field audits", ["model"],
+                               registry=r)
+        self._drift = Counter("splitinfer_drift_alarm_requests", "Received requests sent while the edge flags drift",
+                              ["model"], registry=r)
         self.unauthenticated = Counter("splitinfer_unauthenticated", "Calls refused UNAUTHENTICATED", registry=r)
         self._reloads = Counter("splitinfer_reloads", "Model reloads", ["result"], registry=r)
         r.register(_ScrapeTimeGauges(batcher_stats, model_info))
@@ -99,9 +105,14 @@ class ServerMetrics:
                 child = self._children.setdefault(key, metric.labels(*labels))
         return child
 
-    def request_received(self, model: str, tokens: int, size_bytes: int) -> None:
+    def request_received(self, model: str, tokens: int, size_bytes: int, audit: bool = False,
+                         drift_alarm: bool = False) -> None:
         self._child(self._tokens, model).observe(tokens)
         self._child(self._bytes, model).inc(size_bytes)
+        if audit:
+            self._child(self._audits, model).inc()
+        if drift_alarm:
+            self._child(self._drift, model).inc()
 
     def request_done(self, model: str, code: str, latency_s: float) -> None:
         self._child(self._requests, model, code).inc()

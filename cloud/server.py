@@ -199,7 +199,8 @@ class SplitInferenceServicer(splitinfer_pb2_grpc.SplitInferenceServicer):
             await self._refuse_undecodable(request, context, received_at)  # aborts the call
         try:
             model = route_request(self._router.lookup, request, self._max_tokens)
-            self._metrics.request_received(model.name, request.packet.num_tokens, request.ByteSize())
+            self._metrics.request_received(model.name, request.packet.num_tokens, request.ByteSize(),
+                                           audit=request.purpose == pb.PURPOSE_AUDIT, drift_alarm=request.drift_alarm)
             remaining = context.time_remaining()
             deadline = None if remaining is None else received_at + remaining
             submitted_at = time.perf_counter()

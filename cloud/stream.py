@@ -113,7 +113,8 @@ class _Stream:
             self._answer_error(entry, exc)
             return
         entry.model = model
-        self._metrics.request_received(model.name, request.packet.num_tokens, request.ByteSize())
+        self._metrics.request_received(model.name, request.packet.num_tokens, request.ByteSize(),
+                                       audit=request.purpose == pb.PURPOSE_AUDIT, drift_alarm=request.drift_alarm)
         remaining = self._context.time_remaining()
         if message.timeout_ms:
             remaining = message.timeout_ms / 1e3 if remaining is None else min(remaining, message.timeout_ms / 1e3)

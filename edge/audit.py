@@ -27,15 +27,27 @@ detection test restarts from zero (a fresh level-alpha test from there on).
 
 ``calibrated_disagreement`` should be an upper confidence bound on the calibration split's
 disagreement rate among the inputs the device answers (protos/calibration.py clopper_pearson_upper),
-so an estimate that is low by chance does not raise alarms.
+so an estimate that is low by chance does not raise alarms: :func:`calibrated_disagreement` makes it
+from the manifest.
+
+One input, the same code in :class:`~splitinfer.edge.runner.EdgeRunner` and in the benchmark that
+replays streams (benchmarks/audit.py): :func:`route` says whether to offload, whose answer the user
+gets and whether the server's answer is compared; after an offload, :func:`settle` records the
+comparison.
 """
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Audit", "default_alternative"]
+from splitinfer.protos.calibration import clopper_pearson_upper
+
+__all__ = ["Audit", "Route", "route", "settle", "calibrated_disagreement", "default_alternative"]
+
+log = logging.getLogger(__name__)
 
 
 def default_alternative(p0: float) -> float:
@@ -125,6 +137,8 @@ class Audit:
                 self.alarm = False
                 self.recoveries += 1
                 self.statistic, self.recovery_statistic, self._t = 0.0, 0.0, 0
+                log.warning("field audit: audits agree again (%d of %d disagree overall): back to the calibrated "
+                            "exit threshold", self.disagreements, self.audits)
             return self.alarm
         self._t += 1
         self.statistic = max(0.0, self.statistic + (self._up if disagree else self._down))
@@ -132,6 +146,9 @@ class Audit:
             self.alarm = True
             self.alarms += 1
             self.recovery_statistic = 0.0
+            log.warning("field audit: drift flagged (%d of %d audits disagree, calibrated rate %.4f; CUSUM %.2f >= "
+                        "%.2f at level alpha %.3g): offloading every input until audits agree again",
+                        self.disagreements, self.audits, self.p0, self.statistic, self.threshold, self.alpha)
         return self.alarm
 
     def state(self) -> dict:
@@ -143,3 +160,79 @@ class Audit:
             "threshold_boost": self.threshold_boost, "audit_rate": self.current_rate, "rate": self.rate,
             "calibrated_disagreement": self.p0, "alternative": self.p1, "alpha": self.alpha,
         }
+
+
+@dataclass(frozen=True)
+class Route:
+    """What to do with one input. offload: send it to the server. answer: whose answer the user
+    gets, "device" or "server". compare: record the server's answer against the device's.
+    An audit (purpose AUDIT on the wire) is an offload whose answer is the device's."""
+
+    offload: bool
+    answer: str
+    compare: bool = False
+
+    @property
+    def audit(self) -> bool:
+        return self.offload and self.answer == "device"
+
+
+DEVICE = Route(offload=False, answer="device")
+SERVER = Route(offload=True, answer="server")
+AUDIT = Route(offload=True, answer="device", compare=True)
+FREE_AUDIT = Route(offload=True, answer="server", compare=True)
+
+
+def route(confidence: float | None, threshold: float, audit: Audit | None) -> Route:
+    """The exit decision for one input. confidence: the exit head's max softmax (None: the model
+    cannot exit, e.g. an embedding model). threshold: the calibrated exit threshold of the operating
+    point in use. audit: the field audit, or None when it is off.
+
+    Confident under the audit's (maybe stricter) threshold: the device answers, and a random share
+    of those inputs is audited. Otherwise the server answers; an input the calibrated threshold
+    would have answered on the device (offloaded only because of a drift alarm) is compared too.
+    """
+    if confidence is None:
+        return SERVER
+    if audit is None:
+        return DEVICE if confidence >= threshold else SERVER
+    if confidence >= audit.stricter(threshold):
+        return AUDIT if audit.should_audit() else DEVICE
+    return FREE_AUDIT if confidence >= threshold else SERVER
+
+
+def settle(decision: Route, audit: Audit | None, device_label: int, server_label: int) -> int:
+    """After the server answered an offloaded input: record the comparison when the route asks for
+    one, and return the label the user gets."""
+    if decision.compare and audit is not None:
+        audit.record(device_label, server_label)
+    return int(device_label if decision.answer == "device" else server_label)
+
+
+def calibrated_disagreement(manifest, delta: float = 0.05) -> float | None:
+    """p0 for :class:`Audit`: a one-sided (1 - delta) Clopper-Pearson upper bound on the rate at which
+    the server's answer differs from the exit head's among the inputs the default operating point
+    answers on the device, from the manifest's calibration figures; None when they cannot tell
+    (not a classifier, or no input answered on the device).
+
+    With ``calibration.disagreement`` (measured at export) the bound is on that rate over the
+    n x exit_rate inputs answered on the device. Without it, from the operating-point table: two
+    answers that differ are not both right, so the rate is at most (error of the exit head alone +
+    error of the server alone) / exit_rate, the errors read from the table's points that exit
+    everything and nothing (the whole model's error when the table has no point that exits nothing);
+    a looser bound, which makes the audit slower to flag drift, never quicker to raise false alarms.
+    """
+    cal = manifest.calibration
+    answered = int(round(cal.n * cal.exit_rate))
+    if manifest.task != "classification" or answered < 1:
+        return None
+    rate = cal.disagreement
+    if rate is None:
+        points = manifest.operating_points
+        exit_all = [p.accuracy for p in points if p.exit_rate >= 1.0]
+        server_all = [p.accuracy for p in points if p.exit_rate <= 0.0]
+        if not exit_all:
+            return None
+        server_error = 1.0 - (max(server_all) if server_all else cal.accuracy_full)
+        rate = min(1.0, (1.0 - max(exit_all) + server_error) / cal.exit_rate)
+    return clopper_pearson_upper(min(answered, int(math.ceil(rate * answered - 1e-9))), answered, delta)

@@ -6,9 +6,10 @@
     budget (mJ)          = capacity x 3600 x 1000 x P / 100
     limit (mJ/request)   = budget / (observed request rate x H x 3600)
 
-The limit is what :class:`~splitinfer.edge.controller.Constraints` takes as ``max_energy_mj`` (a
-long-run mean energy per request), so the budget controller keeps the run's share of the battery
-at P. Energies here are the edge's own accounting (edge/energy.py): the marginal energy of the
+The limit is what :class:`~splitinfer.edge.controller.Constraints` takes as
+``max_device_energy_mj`` (a long-run mean per request of the energy drawn on the device: the device
+half and the radio, not the server's), so the budget controller keeps the run's share of the battery
+at P. :class:`BatteryLimit` keeps the controller's limit there as the request rate is observed. Energies here are the edge's own accounting (edge/energy.py): the marginal energy of the
 inference work and the radio, not the idle draw of keeping the device on.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["POWER_SUPPLY", "BatteryCapacity", "read_sysfs_capacity", "battery_capacity", "energy_limit_mj",
-           "projected_percent", "RequestRate", "BatteryBudget"]
+           "projected_percent", "RequestRate", "BatteryBudget", "BatteryLimit"]
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class BatteryBudget:
         return self.capacity.wh * MJ_PER_WH * self.max_percent / 100.0
 
     def limit_mj(self, requests_per_s: float) -> float:
-        """``max_energy_mj`` for the controller at this request rate."""
+        """``max_device_energy_mj`` for the controller at this request rate."""
         return energy_limit_mj(self.capacity.wh, self.max_percent, self.horizon_h, requests_per_s)
 
     def projected_percent(self, mean_mj_per_request: float, requests_per_s: float) -> float:
@@ -166,3 +167,35 @@ class BatteryBudget:
                 "requests_per_s": requests_per_s, "limit_mj_per_request": self.limit_mj(requests_per_s),
                 "mean_mj_per_request": mean_mj_per_request,
                 "projected_battery_percent": self.projected_percent(mean_mj_per_request, requests_per_s)}
+
+
+class BatteryLimit:
+    """Holds a :class:`~splitinfer.edge.controller.BudgetController`'s ``max_device_energy_mj`` at what
+    ``budget`` allows for the request rate: ``fixed_rate`` (requests/s) when given, else the rate
+    observed over the last ``window`` requests (``prior_rate`` until two have arrived). Call
+    :meth:`before_request` before each request."""
+
+    def __init__(self, budget: BatteryBudget, fixed_rate: float | None = None, prior_rate: float = 1.0,
+                 window: int = 256, clock=time.monotonic) -> None:
+        self.budget = budget
+        self.fixed_rate = None if fixed_rate is None else _check("request rate", fixed_rate)
+        self.prior_rate = _check("prior_rate", prior_rate)
+        self.observed = RequestRate(window, clock)
+
+    @property
+    def requests_per_s(self) -> float:
+        if self.fixed_rate is not None:
+            return self.fixed_rate
+        return self.observed.rate or self.prior_rate
+
+    @property
+    def limit_mj(self) -> float:
+        return self.budget.limit_mj(self.requests_per_s)
+
+    def before_request(self, controller, at: float | None = None) -> None:
+        """One request arrives (``at``: its time in seconds, default the clock): refresh the limit."""
+        self.observed.observe(at)
+        controller.set_limit("max_device_energy_mj", self.limit_mj)
+
+    def summary(self, mean_mj_per_request: float) -> dict:
+        return self.budget.summary(mean_mj_per_request, self.requests_per_s)

@@ -26,6 +26,8 @@ from splitinfer.protos import DEFAULT_MAX_MESSAGE_BYTES
 from splitinfer.protos.errors import SplitInferError
 from splitinfer.protos.manifest import load_manifest
 
+from .audit import Audit, calibrated_disagreement
+from .battery import BatteryBudget, BatteryLimit, battery_capacity
 from .controller import BudgetController, Constraints
 from .energy import DEVICE_PROFILES, LINK_PROFILES, EnergyModel, energy_label, load_energy_file, reference_energy
 from .preprocess import IMAGE_SUFFIXES, image_paths
@@ -39,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 PROG = "splitinfer-edge"
 EXIT_MISCONFIGURED = 3
+DEFAULT_AUDIT_RATE = 0.02
+DEFAULT_AUDIT_ALPHA = 0.05
+MAX_AUDIT_DISAGREEMENT = 0.4  # above it the drifted rate the test looks for (at most 0.5) is too close to tell
+AUDIT_COUNTS = ("audits", "disagreements", "alarms", "recoveries", "alarm")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -80,6 +86,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--min-accuracy", type=_mass,
                         help="least accuracy: only operating points whose guaranteed accuracy (the table's "
                              "lower confidence bound) reaches it are used")
+    budget.add_argument("--max-battery-percent", type=_percent, metavar="P",
+                        help="spend at most P%% of the battery over --horizon-h hours (an energy limit per request "
+                             "at the request rate; capacity from /sys/class/power_supply, else the device profile)")
+    budget.add_argument("--horizon-h", type=_positive_float, metavar="H", help="hours the battery share must last")
+    budget.add_argument("--request-rate", type=_positive_float, metavar="R",
+                        help="expected requests per second over the horizon (default: the observed rate)")
+    audit = p.add_argument_group("field audit (needs a server)")
+    audit.add_argument("--audit-rate", type=_probability, default=DEFAULT_AUDIT_RATE,
+                       help=f"share of the inputs answered on the device also offloaded to compare answers "
+                            f"(default {DEFAULT_AUDIT_RATE}; 0 = off)")
+    audit.add_argument("--audit-alpha", type=_open_probability, default=DEFAULT_AUDIT_ALPHA,
+                       help=f"bound on the probability of a false drift alarm (default {DEFAULT_AUDIT_ALPHA})")
+    audit.add_argument("--audit-disagreement", type=_open_probability, metavar="P0",
+                       help="calibrated device/server disagreement rate (default: an upper bound from the manifest)")
     energy = p.add_argument_group("energy estimate")
     energy.add_argument("--device-profile", default="pi4", metavar="|".join(DEVICE_PROFILES) + "|FILE",
                         help="power profile of this device (default pi4)")
@@ -144,13 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             energy = EnergyModel.named(args.device_profile, args.link)
             if args.energy_profile is not None:
                 energy = load_energy_file(args.energy_profile, base=energy)
-            controller = _controller(args, manifest, energy)
+            battery = _battery(args, energy)
+            controller = _controller(args, manifest, energy, battery)
             runner = EdgeRunner(session, transport, manifest, exit_threshold=args.threshold, mass=args.mass,
-                                budget=args.budget, energy=energy, controller=controller)
+                                budget=args.budget, energy=energy, controller=controller,
+                                audit=_audit(args, manifest, transport))
         except (SplitInferError, ValueError, OSError, ImportError) as exc:
             print(f"{PROG}: error: cannot use the model in {args.model}: {exc}", file=sys.stderr)
             return 2
-        stats = _Stats(runner, label=not args.no_energy_label)
+        stats = _Stats(runner, label=not args.no_energy_label, battery=battery)
         if args.command == "classify":
             status = classify_paths(runner, args.paths, as_json=args.json, stats=stats)
         else:
@@ -199,6 +221,8 @@ def _answer_all(runner: EdgeRunner, inputs: Iterable[tuple[str, str | None, Call
             continue
         try:
             raw = load()
+            if stats.battery is not None:
+                stats.battery.before_request(runner.controller)
             result = runner.run(raw)
             if stats.first_input is None:
                 stats.first_input = raw
@@ -207,7 +231,7 @@ def _answer_all(runner: EdgeRunner, inputs: Iterable[tuple[str, str | None, Call
             _emit_error(where, str(exc), as_json)
             continue
         stats.add(result)
-        _emit_result(where, result, as_json)
+        _emit_result(where, result, as_json, runner.audit)
     stats.write(sys.stderr if as_json else sys.stdout)
     return 1 if stats.failed else 0
 
@@ -218,14 +242,17 @@ def expand_paths(paths: Sequence[Path]) -> list[tuple[Path, str | None]]:
     return image_paths(paths)
 
 
-def _emit_result(where: str, result: EdgeResult, as_json: bool) -> None:
+def _emit_result(where: str, result: EdgeResult, as_json: bool, audit: Audit | None = None) -> None:
     if as_json:
-        print(json.dumps({"input": where, **result.to_dict()}), flush=True)
+        extra = {} if audit is None else {"audit": {k: audit.state()[k] for k in AUDIT_COUNTS}}
+        print(json.dumps({"input": where, **result.to_dict(), **extra}), flush=True)
         return
     answer = (f"label={result.class_name}  confidence={result.confidence:.3f}" if result.embedding is None
               else f"embedding[{len(result.embedding)}]")
     line = (f"{where}  {answer}  decided_on={result.decided_on}  bytes={result.bytes_sent}  "
             f"latency_ms={result.latency_ms:.2f}")
+    if result.audited:
+        line += "  audited"
     if result.error:
         line += f"  failure={result.failure}  error={result.error}"
     print(line, flush=True)
@@ -241,9 +268,10 @@ def _emit_error(where: str, message: str, as_json: bool) -> None:
 class _Stats:
     """Running totals for the end-of-run summary."""
 
-    def __init__(self, runner: EdgeRunner, label: bool = True) -> None:
+    def __init__(self, runner: EdgeRunner, label: bool = True, battery: BatteryLimit | None = None) -> None:
         self.runner = runner
         self.label = label
+        self.battery = battery
         self.failed = 0
         self.decided = {name: 0 for name in DECIDED_ON}
         self.failures = {name: 0 for name in FAILURES}
@@ -261,7 +289,7 @@ class _Stats:
             self.first_error.setdefault(result.failure, result.error or "")
         if result.energy is not None:
             self.energies.append(result.energy)
-        if result.decided_on != "device":
+        if result.decided_on != "device" or result.audited:
             self.request_bytes.append(result.bytes_sent)
 
     def write(self, out: TextIO) -> None:
@@ -286,7 +314,19 @@ class _Stats:
         lat = np.asarray(self.latencies_ms)
         print(f"  latency: p50 {np.percentile(lat, 50):.2f} ms, p90 {np.percentile(lat, 90):.2f} ms, "
               f"max {lat.max():.2f} ms", file=out)
+        self._write_audit(out)
         self._write_energy(out)
+
+    def _write_audit(self, out: TextIO) -> None:
+        audit = self.runner.audit
+        if audit is None:
+            return
+        st = audit.state()
+        state = "DRIFT: offloading every input" if st["alarm"] else "in calibration"
+        print(f"  audit: {st['audits']} audits, {st['disagreements']} disagreements (calibrated rate "
+              f"{st['calibrated_disagreement']:.4f}), {st['alarms']} drift alarm(s), {st['recoveries']} "
+              f"recovery(ies); now {state} (audit rate {st['rate']:g}, false alarms <= alpha {st['alpha']:g})",
+              file=out)
 
     def _write_energy(self, out: TextIO) -> None:
         """Mean energy per request and its label against the whole model on this device."""
@@ -299,6 +339,11 @@ class _Stats:
         print(f"  energy: {mean['total_mj']:.3f} mJ mean per request (device {mean['device_mj']:.3f}, "
               f"radio {mean['radio_mj']:.3f}, server {mean['server_mj']:.3f}; {self.energies[0].method}, "
               f"{model.device.name}, {model.link.name})", file=out)
+        if self.battery is not None:
+            b = self.battery.summary(mean["device_mj"] + mean["radio_mj"])
+            print(f"  battery: {b['projected_battery_percent']:.3f}% of {b['battery_wh']:g} Wh projected over "
+                  f"{b['horizon_h']:g} h at {b['requests_per_s']:.3g} requests/s (limit {b['max_battery_percent']:g}%, "
+                  f"{b['limit_mj_per_request']:.3f} mJ per request; capacity from {b['battery_source']})", file=out)
         if not self.label or self.first_input is None or "server" not in runner.manifest.files:
             return
         try:
@@ -337,13 +382,41 @@ def _security(args: argparse.Namespace) -> dict:
     return out
 
 
-def _controller(args: argparse.Namespace, manifest, energy: EnergyModel) -> BudgetController | None:
+def _controller(args: argparse.Namespace, manifest, energy: EnergyModel,
+                battery: BatteryLimit | None = None) -> BudgetController | None:
     """A budget controller over the manifest's operating points when a limit is given, else None."""
     constraints = Constraints(max_bytes=args.max_bytes, max_latency_ms=args.max_latency_ms,
-                              max_energy_mj=args.max_energy_mj, min_accuracy=args.min_accuracy)
+                              max_energy_mj=args.max_energy_mj, min_accuracy=args.min_accuracy,
+                              max_device_energy_mj=None if battery is None else battery.limit_mj)
     if not constraints:
         return None
     return BudgetController.from_manifest(manifest, constraints, energy=energy)
+
+
+def _battery(args: argparse.Namespace, energy: EnergyModel) -> BatteryLimit | None:
+    """The battery budget of --max-battery-percent / --horizon-h, or None; ValueError when incomplete."""
+    if args.max_battery_percent is None:
+        if args.horizon_h is not None or args.request_rate is not None:
+            raise ValueError("--horizon-h and --request-rate go with --max-battery-percent")
+        return None
+    if args.horizon_h is None:
+        raise ValueError("--max-battery-percent needs --horizon-h (the hours that share must last)")
+    budget = BatteryBudget(battery_capacity(energy.device), args.max_battery_percent, args.horizon_h)
+    return BatteryLimit(budget, fixed_rate=args.request_rate)
+
+
+def _audit(args: argparse.Namespace, manifest, transport) -> Audit | None:
+    """The field audit, or None: --audit-rate 0, no server, a model that cannot exit, or no usable
+    calibrated disagreement rate (logged)."""
+    if args.audit_rate == 0 or transport is None or manifest.task != "classification":
+        return None
+    p0 = args.audit_disagreement if args.audit_disagreement is not None else \
+        calibrated_disagreement(manifest, delta=args.audit_alpha)
+    if p0 is None or p0 >= MAX_AUDIT_DISAGREEMENT:
+        logger.warning("field audit off: the manifest gives no usable calibrated disagreement rate (%s); pass "
+                       "--audit-disagreement to set one", "none" if p0 is None else f"{p0:.3f}")
+        return None
+    return Audit(args.audit_rate, p0, args.audit_alpha)
 
 
 def _target(text: str) -> str:
@@ -377,6 +450,27 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _open_probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _percent(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100], got {text}")
     return value
 
 

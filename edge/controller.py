@@ -64,7 +64,8 @@ from splitinfer.protos.points import OperatingPoint
 
 __all__ = ["Constraints", "RequestCost", "LinkEstimate", "LinkMonitor", "BudgetController"]
 
-CONSTRAINTS = ("max_bytes", "max_latency_ms", "max_energy_mj", "min_accuracy")
+CONSTRAINTS = ("max_bytes", "max_latency_ms", "max_energy_mj", "max_device_energy_mj", "min_accuracy")
+ENERGY_CONSTRAINTS = ("max_energy_mj", "max_device_energy_mj")
 OFFLOAD_PRIOR = 20  # the table's bytes per offload counts as this many observed offloads
 MAX_Y = 1e9  # cap on a normalised cost (an offload at zero bandwidth)
 
@@ -74,7 +75,9 @@ class Constraints:
     """Long-run limits per request; None = unconstrained. Any combination.
 
     max_bytes: mean request bytes. max_latency_ms: mean latency. max_energy_mj: mean energy (needs
-    an energy model). min_accuracy: least accuracy of every point used: only points whose
+    an energy model). max_device_energy_mj: mean energy drawn on the device itself, device half +
+    radio, what a battery pays (edge/battery.py); needs an energy model. min_accuracy: least accuracy
+    of every point used: only points whose
     :attr:`~splitinfer.protos.points.OperatingPoint.accuracy_floor` (the export's lower confidence
     bound, or the measured accuracy in older folders; the edge has no labels) reaches it are chosen.
     """
@@ -82,10 +85,11 @@ class Constraints:
     max_bytes: float | None = None
     max_latency_ms: float | None = None
     max_energy_mj: float | None = None
+    max_device_energy_mj: float | None = None
     min_accuracy: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_latency_ms", "max_energy_mj"):
+        for name in ("max_bytes", "max_latency_ms", *ENERGY_CONSTRAINTS):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -103,17 +107,22 @@ class Constraints:
 @dataclass(frozen=True)
 class RequestCost:
     """What one request really cost: bytes sent, latency (ms), energy (mJ, None if not estimated),
-    and the expected accuracy of the point that served it (the edge cannot see correctness)."""
+    the expected accuracy of the point that served it (the edge cannot see correctness), and the
+    part of the energy drawn on the device (device half + radio; None: not estimated)."""
 
     bytes: float
     latency_ms: float
     energy_mj: float | None
     accuracy: float
+    device_energy_mj: float | None = None
 
     @classmethod
     def from_result(cls, result, point: OperatingPoint) -> "RequestCost":
         energy = getattr(result, "energy", None)
-        return cls(result.bytes_sent, result.latency_ms, None if energy is None else energy.total_mj, point.accuracy)
+        if energy is None:
+            return cls(result.bytes_sent, result.latency_ms, None, point.accuracy)
+        return cls(result.bytes_sent, result.latency_ms, energy.total_mj, point.accuracy,
+                   energy.device_mj + energy.radio_mj)
 
 
 @dataclass(frozen=True)
@@ -210,8 +219,9 @@ class BudgetController:
         original = points
         if not (v > 0 and math.isfinite(v)):
             raise ValueError(f"v must be a finite number > 0, got {v!r}")
-        if constraints.max_energy_mj is not None and energy is None:
-            raise ValueError("max_energy_mj needs an energy model")
+        for name in ENERGY_CONSTRAINTS:
+            if getattr(constraints, name) is not None and energy is None:
+                raise ValueError(f"{name} needs an energy model")
         if constraints.min_accuracy is not None:
             points = [p for p in points if p.accuracy_floor >= constraints.min_accuracy]
             if not points:
@@ -285,6 +295,24 @@ class BudgetController:
             self.queues = np.maximum(self.queues + placeholder - self.placeholder, self.floors)
             self.placeholder = placeholder
 
+    def set_limit(self, name: str, value: float) -> None:
+        """Move one constraint's limit (a battery budget re-priced at the observed request rate). The
+        backlog, counted in worst-case requests, is kept."""
+        if name not in self.names:
+            raise ValueError(f"{name} is not one of this controller's constraints {self.names}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        k = self.names.index(name)
+        if value == self.limits[k]:
+            return
+        old_scale = self.scales[k]
+        self.limits[k] = float(value)
+        self.scales[k] = self._granularity()[k]
+        ratio = self.scales[k] / old_scale
+        self.queues[k] *= ratio
+        self.placeholder[k] *= ratio
+        self.floors[k] = -self.credit * self.scales[k]
+
     def observe_confidence(self, confidence: float, device_ms: float | None = None) -> None:
         """The exit head's max probability on a request (and the device half's time, ms): refreshes
         every point's live exit rate and the device time.
@@ -321,9 +349,11 @@ class BudgetController:
             return 0.0, nbytes
         if name == "max_latency_ms":
             return self.device_ms, point.server_ms + self.link.estimate.transfer_ms(nbytes)
-        if name == "max_energy_mj":
+        if name in ENERGY_CONSTRAINTS:
             round_trip_ms = point.server_ms + self.link.estimate.transfer_ms(nbytes)
-            offload = self.energy.radio_mj(nbytes, 64.0, round_trip_ms / 1e3) + self.energy.server_mj(point.server_ms / 1e3)
+            offload = self.energy.radio_mj(nbytes, 64.0, round_trip_ms / 1e3)
+            if name == "max_energy_mj":
+                offload += self.energy.server_mj(point.server_ms / 1e3)
             return self.energy.device_mj(self.device_ms / 1e3), offload
         return 1.0 - point.accuracy_floor, 0.0  # min_accuracy, as an error rate
 
@@ -346,6 +376,8 @@ class BudgetController:
             return cost.latency_ms
         if name == "max_energy_mj":
             return cost.energy_mj if cost.energy_mj is not None else 0.0
+        if name == "max_device_energy_mj":
+            return cost.device_energy_mj if cost.device_energy_mj is not None else 0.0
         return 1.0 - cost.accuracy
 
     def _expected_costs(self) -> np.ndarray:

@@ -10,6 +10,11 @@ For one input (an image or a text, through the model's front end)::
            -> transport                                                            [decided_on="server"]
       the transport fails in any way -> the exit head's answer, error recorded     [decided_on="degraded"]
 
+With an :class:`~splitinfer.edge.audit.Audit` (the field audit) a random share of the inputs
+answered on the device is offloaded too and the server's answer compared with the device's (the user
+still gets the device's); when the audit flags drift every input is offloaded until audits agree
+again. :func:`~splitinfer.edge.audit.route` makes that decision for one input.
+
 The edge always answers; ``EdgeResult.failure`` tells an outage (the server cannot be reached or
 is too slow) from a misconfiguration (wrong token, another model version, a TLS handshake that
 fails: retrying will not help). With no transport every input is decided on the device.
@@ -37,6 +42,7 @@ from splitinfer.protos.errors import (DeadlineExceeded, ManifestError, ManifestM
                                       ServerInternalError, ServerUnavailable, Unauthenticated)
 from splitinfer.protos.manifest import Manifest
 
+from .audit import Audit, route, settle
 from .energy import DeviceEnergyMeter, EnergyEstimate, EnergyModel
 from .frontends import FrontEnd, front_end_for
 from .selection import select_positions
@@ -128,6 +134,8 @@ class EdgeResult:
     none). request_id: the InferRequest's id (None when nothing was sent). operating_point: id of
     the operating point that served the request (None: the runner's own settings).
     bytes_received: serialized size of the response. energy: the request's energy estimate.
+    audited: the input was also offloaded for the field audit (the answer is the device's; its bytes
+    and energy are counted here; ``error`` / ``failure`` say when that offload failed).
     """
 
     label: int | None
@@ -148,6 +156,7 @@ class EdgeResult:
     embedding: tuple[float, ...] | None = None
     failure: str | None = None
     tokens_total: int = 0
+    audited: bool = False
 
     def __post_init__(self) -> None:
         if self.decided_on not in DECIDED_ON:
@@ -190,7 +199,9 @@ class EdgeRunner:
     values (see :class:`OffloadPolicy`). energy: an :class:`~splitinfer.edge.energy.EnergyModel` to
     estimate each request's energy (device energy from ``meter``, default RAPL when readable, else
     CPU time x the profile). controller: a :class:`~splitinfer.edge.controller.BudgetController`
-    that picks the operating point of every request given no point, and learns the link.
+    that picks the operating point of every request given no point, and learns the link. audit: an
+    :class:`~splitinfer.edge.audit.Audit` that audits answers given on the device (None: no audit;
+    it needs a transport).
     """
 
     def __init__(
@@ -207,6 +218,7 @@ class EdgeRunner:
         meter: DeviceEnergyMeter | None = None,
         controller: "BudgetController | None" = None,
         front_end: FrontEnd | None = None,
+        audit: Audit | None = None,
     ) -> None:
         self.session = session
         self.transport = transport
@@ -218,6 +230,7 @@ class EdgeRunner:
         self.energy = energy
         self.meter = meter if meter is not None or energy is None else DeviceEnergyMeter(energy.device)
         self.controller = controller
+        self.audit = audit if transport is not None else None
         self.task = manifest.task
         self._encoder = TokenEncoder(codec if codec is not None else manifest.codec.config(), self.zstd_dictionary)
         self._point_settings: dict["OperatingPoint", tuple[OffloadPolicy, TokenEncoder]] = {}
@@ -274,8 +287,8 @@ class EdgeRunner:
         n_tokens = int(tokens.shape[1])
         if self.controller is not None:
             self.controller.observe_confidence(local["confidence"] or 0.0, device_ms)
-        confident = self.task == "classification" and local["confidence"] >= policy.exit_threshold
-        if confident or self.transport is None:
+        decision = route(local["confidence"], policy.exit_threshold, self.audit)  # self.audit is None without a transport
+        if not decision.offload or self.transport is None:
             result = EdgeResult(**local, decided_on="device", latency_ms=(self._clock() - start) * 1e3,
                                 device_ms=device_ms, operating_point=point_id, tokens_total=n_tokens)
             return self._finish(result, chosen, device_mj)
@@ -285,6 +298,7 @@ class EdgeRunner:
         sent_at: float | None = None
         try:
             request = self.build_request(tokens[0], importance[0], request_id, chosen)
+            self._mark(request, decision.audit)
             bytes_sent, tokens_sent = request.ByteSize(), request.packet.num_tokens
             sent_at = self._clock()
             response = self.transport.infer(request)
@@ -294,18 +308,22 @@ class EdgeRunner:
             server_ms = None if sent_at is None else (self._clock() - sent_at) * 1e3
             error = f"{type(exc).__name__}: {exc}"
             failure = classify_failure(exc)
-            logger.info("request %s degraded to the device answer (%s): %s", request_id, failure, error)
+            logger.info("request %s %s (%s): %s", request_id, "audit failed" if decision.audit else
+                        "degraded to the device answer", failure, error)
             result = EdgeResult(
-                **local, decided_on="degraded", bytes_sent=bytes_sent, tokens_sent=tokens_sent,
-                latency_ms=(self._clock() - start) * 1e3, device_ms=device_ms, server_ms=server_ms,
-                error=error, request_id=request_id, operating_point=point_id, failure=failure, tokens_total=n_tokens,
+                **local, decided_on="device" if decision.audit else "degraded", bytes_sent=bytes_sent,
+                tokens_sent=tokens_sent, latency_ms=(self._clock() - start) * 1e3, device_ms=device_ms,
+                server_ms=server_ms, error=error, request_id=request_id, operating_point=point_id, failure=failure,
+                tokens_total=n_tokens, audited=decision.audit,
             )
             return self._finish(result, chosen, device_mj)
+        if self.task == "classification":
+            settle(decision, self.audit, local["label"], answer["label"])
         result = EdgeResult(
-            **answer, decided_on="server", bytes_sent=bytes_sent, tokens_sent=tokens_sent,
-            latency_ms=(self._clock() - start) * 1e3, device_ms=device_ms, server_ms=server_ms,
-            request_id=request_id, operating_point=point_id, bytes_received=response.ByteSize(),
-            tokens_total=n_tokens,
+            **(local if decision.answer == "device" else answer), decided_on=decision.answer, bytes_sent=bytes_sent,
+            tokens_sent=tokens_sent, latency_ms=(self._clock() - start) * 1e3, device_ms=device_ms,
+            server_ms=server_ms, request_id=request_id, operating_point=point_id, bytes_received=response.ByteSize(),
+            tokens_total=n_tokens, audited=decision.audit,
         )
         server_compute_ms = response.timings.total_ms if response.HasField("timings") else 0.0
         if self.controller is not None:
@@ -337,12 +355,20 @@ class EdgeRunner:
             self._point_settings[point] = settings
         return settings
 
+    def _mark(self, request: pb.InferRequest, audit: bool) -> None:
+        """Tell the server why the request comes: a field audit, and whether the audit flags drift."""
+        if audit:
+            request.purpose = pb.PURPOSE_AUDIT
+        if self.audit is not None and self.audit.alarm:
+            request.drift_alarm = True
+
     def _finish(self, result: EdgeResult, point: "OperatingPoint | None", device_mj: float,
                 server_compute_ms: float = 0.0) -> EdgeResult:
         """Attach the energy estimate and report the request's cost to the controller."""
         if self.energy is not None:
             round_trip_s = (result.server_ms or 0.0) / 1e3
-            server_s = (server_compute_ms or result.server_ms or 0.0) / 1e3 if result.decided_on == "server" else 0.0
+            answered = result.decided_on == "server" or (result.audited and result.error is None)
+            server_s = (server_compute_ms or result.server_ms or 0.0) / 1e3 if answered else 0.0
             estimate = self.energy.estimate(device_mj, result.bytes_sent, result.bytes_received, round_trip_s,
                                             server_s, method=self.meter.method)
             result = result.with_energy(estimate)

@@ -308,6 +308,7 @@ class Calibration(_Section):
     mean_tokens_per_offload: float
     max_accuracy_drop: float
     guarantee: Guarantee | None = None
+    disagreement: float | None = None  # share of the inputs answered on the device where the server's answer differs
 
     @classmethod
     def from_json(cls, data: Any, where: str):
@@ -323,6 +324,14 @@ class Calibration(_Section):
             raise ValueError(f"guarantee must be an object, got {type(self.guarantee).__name__}")
         if self.guarantee is not None and self.guarantee.n != self.n:
             raise ValueError(f"guarantee.n {self.guarantee.n} must equal n {self.n}")
+        if self.disagreement is not None:
+            _number("disagreement", self.disagreement, 0.0, 1.0)
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        if self.disagreement is None:  # optional: manifests without it stay as they were
+            del out["disagreement"]
+        return out
 
 
 # --- the manifest ---------------------------------------------------------------------------------

@@ -24,31 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"splitinfer/protos/splitinfer.proto\x12\rsplitinfer.v1\"\x9f\x02\n\x0bTokenPacket\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12)\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x17.splitinfer.v1.Encoding\x12/\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x1a.splitinfer.v1.Compression\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x11\n\tpositions\x18\x06 \x03(\r\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x19\n\x11uncompressed_size\x18\x08 \x01(\x04\x12\x12\n\ngroup_size\x18\t \x01(\r\x12\x30\n\x0fscales_encoding\x18\n \x01(\x0e\x32\x17.splitinfer.v1.Encoding\"v\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12*\n\x06packet\x18\x04 \x01(\x0b\x32\x1a.splitinfer.v1.TokenPacket\"H\n\rServerTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xa2\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\r\n\x05label\x18\x03 \x01(\x05\x12-\n\x07timings\x18\x04 \x01(\x0b\x32\x1c.splitinfer.v1.ServerTimings\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x11\n\tembedding\x18\x06 \x03(\x02\"Q\n\rStreamRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.splitinfer.v1.InferRequest\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\",\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8e\x01\n\x0eStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.splitinfer.v1.InferResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.splitinfer.v1.ErrorStatusH\x00\x42\t\n\x07outcome*p\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x11\n\rENCODING_INT4\x10\x04*T\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x12\x19\n\x15\x43OMPRESSION_ZSTD_DICT\x10\x02\x32\xa4\x01\n\x0eSplitInference\x12\x42\n\x05Infer\x12\x1b.splitinfer.v1.InferRequest\x1a\x1c.splitinfer.v1.InferResponse\x12N\n\x0bInferStream\x12\x1c.splitinfer.v1.StreamRequest\x1a\x1d.splitinfer.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"splitinfer/protos/splitinfer.proto\x12\rsplitinfer.v1\"\x9f\x02\n\x0bTokenPacket\x12\x12\n\nnum_tokens\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12)\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x17.splitinfer.v1.Encoding\x12/\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x1a.splitinfer.v1.Compression\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x11\n\tpositions\x18\x06 \x03(\r\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x19\n\x11uncompressed_size\x18\x08 \x01(\x04\x12\x12\n\ngroup_size\x18\t \x01(\r\x12\x30\n\x0fscales_encoding\x18\n \x01(\x0e\x32\x17.splitinfer.v1.Encoding\"\xb4\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12*\n\x06packet\x18\x04 \x01(\x0b\x32\x1a.splitinfer.v1.TokenPacket\x12\'\n\x07purpose\x18\x05 \x01(\x0e\x32\x16.splitinfer.v1.Purpose\x12\x13\n\x0b\x64rift_alarm\x18\x06 \x01(\x08\"H\n\rServerTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xa2\x01\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\x12\r\n\x05label\x18\x03 \x01(\x05\x12-\n\x07timings\x18\x04 \x01(\x0b\x32\x1c.splitinfer.v1.ServerTimings\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x11\n\tembedding\x18\x06 \x03(\x02\"Q\n\rStreamRequest\x12,\n\x07request\x18\x01 \x01(\x0b\x32\x1b.splitinfer.v1.InferRequest\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\",\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8e\x01\n\x0eStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08response\x18\x02 \x01(\x0b\x32\x1c.splitinfer.v1.InferResponseH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.splitinfer.v1.ErrorStatusH\x00\x42\t\n\x07outcome*p\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_FP32\x10\x01\x12\x11\n\rENCODING_FP16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x11\n\rENCODING_INT4\x10\x04*T\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x12\x19\n\x15\x43OMPRESSION_ZSTD_DICT\x10\x02*0\n\x07Purpose\x12\x12\n\x0ePURPOSE_ANSWER\x10\x00\x12\x11\n\rPURPOSE_AUDIT\x10\x01\x32\xa4\x01\n\x0eSplitInference\x12\x42\n\x05Infer\x12\x1b.splitinfer.v1.InferRequest\x1a\x1c.splitinfer.v1.InferResponse\x12N\n\x0bInferStream\x12\x1c.splitinfer.v1.StreamRequest\x1a\x1d.splitinfer.v1.StreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitinfer.protos.splitinfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=976
-  _globals['_ENCODING']._serialized_end=1088
-  _globals['_COMPRESSION']._serialized_start=1090
-  _globals['_COMPRESSION']._serialized_end=1174
+  _globals['_ENCODING']._serialized_start=1039
+  _globals['_ENCODING']._serialized_end=1151
+  _globals['_COMPRESSION']._serialized_start=1153
+  _globals['_COMPRESSION']._serialized_end=1237
+  _globals['_PURPOSE']._serialized_start=1239
+  _globals['_PURPOSE']._serialized_end=1287
   _globals['_TOKENPACKET']._serialized_start=54
   _globals['_TOKENPACKET']._serialized_end=341
-  _globals['_INFERREQUEST']._serialized_start=343
-  _globals['_INFERREQUEST']._serialized_end=461
-  _globals['_SERVERTIMINGS']._serialized_start=463
-  _globals['_SERVERTIMINGS']._serialized_end=535
-  _globals['_INFERRESPONSE']._serialized_start=538
-  _globals['_INFERRESPONSE']._serialized_end=700
-  _globals['_STREAMREQUEST']._serialized_start=702
-  _globals['_STREAMREQUEST']._serialized_end=783
-  _globals['_ERRORSTATUS']._serialized_start=785
-  _globals['_ERRORSTATUS']._serialized_end=829
-  _globals['_STREAMRESPONSE']._serialized_start=832
-  _globals['_STREAMRESPONSE']._serialized_end=974
-  _globals['_SPLITINFERENCE']._serialized_start=1177
-  _globals['_SPLITINFERENCE']._serialized_end=1341
+  _globals['_INFERREQUEST']._serialized_start=344
+  _globals['_INFERREQUEST']._serialized_end=524
+  _globals['_SERVERTIMINGS']._serialized_start=526
+  _globals['_SERVERTIMINGS']._serialized_end=598
+  _globals['_INFERRESPONSE']._serialized_start=601
+  _globals['_INFERRESPONSE']._serialized_end=763
+  _globals['_STREAMREQUEST']._serialized_start=765
+  _globals['_STREAMREQUEST']._serialized_end=846
+  _globals['_ERRORSTATUS']._serialized_start=848
+  _globals['_ERRORSTATUS']._serialized_end=892
+  _globals['_STREAMRESPONSE']._serialized_start=895
+  _globals['_STREAMRESPONSE']._serialized_end=1037
+  _globals['_SPLITINFERENCE']._serialized_start=1290
+  _globals['_SPLITINFERENCE']._serialized_end=1454
 # @@protoc_insertion_point(module_scope)

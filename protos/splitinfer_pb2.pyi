@@ -20,6 +20,11 @@ class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     COMPRESSION_NONE: _ClassVar[Compression]
     COMPRESSION_ZSTD: _ClassVar[Compression]
     COMPRESSION_ZSTD_DICT: _ClassVar[Compression]
+
+class Purpose(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PURPOSE_ANSWER: _ClassVar[Purpose]
+    PURPOSE_AUDIT: _ClassVar[Purpose]
 ENCODING_UNSPECIFIED: Encoding
 ENCODING_FP32: Encoding
 ENCODING_FP16: Encoding
@@ -28,6 +33,8 @@ ENCODING_INT4: Encoding
 COMPRESSION_NONE: Compression
 COMPRESSION_ZSTD: Compression
 COMPRESSION_ZSTD_DICT: Compression
+PURPOSE_ANSWER: Purpose
+PURPOSE_AUDIT: Purpose
 
 class TokenPacket(_message.Message):
     __slots__ = ("num_tokens", "dim", "encoding", "compression", "scales", "positions", "payload", "uncompressed_size", "group_size", "scales_encoding")
@@ -54,16 +61,20 @@ class TokenPacket(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., dim: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., compression: _Optional[_Union[Compression, str]] = ..., scales: _Optional[bytes] = ..., positions: _Optional[_Iterable[int]] = ..., payload: _Optional[bytes] = ..., uncompressed_size: _Optional[int] = ..., group_size: _Optional[int] = ..., scales_encoding: _Optional[_Union[Encoding, str]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("model", "manifest_sha256", "request_id", "packet")
+    __slots__ = ("model", "manifest_sha256", "request_id", "packet", "purpose", "drift_alarm")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PACKET_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_ALARM_FIELD_NUMBER: _ClassVar[int]
     model: str
     manifest_sha256: str
     request_id: str
     packet: TokenPacket
-    def __init__(self, model: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., request_id: _Optional[str] = ..., packet: _Optional[_Union[TokenPacket, _Mapping]] = ...) -> None: ...
+    purpose: Purpose
+    drift_alarm: bool
+    def __init__(self, model: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., request_id: _Optional[str] = ..., packet: _Optional[_Union[TokenPacket, _Mapping]] = ..., purpose: _Optional[_Union[Purpose, str]] = ..., drift_alarm: _Optional[bool] = ...) -> None: ...
 
 class ServerTimings(_message.Message):
     __slots__ = ("decode_ms", "compute_ms", "total_ms")

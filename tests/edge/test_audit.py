@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from splitinfer.edge.audit import Audit, default_alternative
+from splitinfer.edge.audit import AUDIT, DEVICE, FREE_AUDIT, SERVER, Audit, calibrated_disagreement, \
+    default_alternative, route, settle
 
 EXIT_RATE = 0.9  # share of inputs the calibrated policy answers on the device
 P0 = 0.02
@@ -15,26 +16,25 @@ P0 = 0.02
 
 def run_stream(seed: int, n: int = 10_000, shift: tuple[int, int] | None = None, p_shift: float = 0.3,
                alpha: float = 0.05, p_true: float = P0):
-    """Drive an Audit the way the edge does. Returns (audit, extra offloads / n, first alarm index,
-    first recovery index after the shift ends, boost seen during the shift)."""
+    """Drive an Audit through the runner's per-input decision (route, settle). Returns (audit, extra
+    offloads / n, first alarm index, first recovery index after the shift ends)."""
     rng = np.random.default_rng(seed)
     audit = Audit(0.02, P0, alpha, rng=np.random.default_rng(10_000 + seed))
     extra, first_alarm, recovered = 0, None, None
     for i in range(n):
         shifted = shift is not None and shift[0] <= i < shift[1]
         p = p_shift if shifted else p_true
-        if rng.random() >= EXIT_RATE:
-            continue  # offloaded by the calibrated policy anyway: no audit question
-        if audit.alarm:  # offloaded because of the boost: a free comparison
-            audit.record(3, 3 if rng.random() >= p else 5)
-            if not audit.alarm and recovered is None and shift is not None and i >= shift[1]:
-                recovered = i
+        confidence = 0.9 if rng.random() < EXIT_RATE else 0.1  # the calibrated policy (threshold 0.5) answers 90%
+        decision = route(confidence, 0.5, audit)
+        if not decision.offload:
             continue
-        if audit.should_audit():
-            extra += 1
-            audit.record(3, 3 if rng.random() >= p else 5)
-            if audit.alarm and first_alarm is None:
-                first_alarm = i
+        extra += confidence >= 0.5  # offloaded although the calibrated policy would have answered
+        was_on = audit.alarm
+        settle(decision, audit, 3, 3 if rng.random() >= p else 5)
+        if audit.alarm and not was_on and first_alarm is None:
+            first_alarm = i
+        if was_on and not audit.alarm and recovered is None and shift is not None and i >= shift[1]:
+            recovered = i
     return audit, extra / n, first_alarm, recovered
 
 
@@ -121,3 +121,31 @@ def test_should_audit_draws_at_the_rate():
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Audit(**{"rate": 0.02, "calibrated_disagreement": P0, "alpha": 0.05, **kwargs})
+
+
+def test_route_without_audit_is_the_plain_threshold():
+    assert route(0.9, 0.8, None) is DEVICE and route(0.5, 0.8, None) is SERVER
+    assert route(None, 0.8, None) is SERVER  # a model that cannot exit
+    assert not DEVICE.audit and not SERVER.audit and AUDIT.audit and not FREE_AUDIT.audit
+
+
+def test_route_audits_device_answers_and_offloads_everything_under_an_alarm():
+    audit = Audit(1.0, P0, 0.05, rng=0)
+    assert route(0.9, 0.8, audit) is AUDIT and route(0.5, 0.8, audit) is SERVER
+    assert settle(AUDIT, audit, 3, 5) == 3 and audit.disagreements == 1  # the user keeps the device's answer
+    while not audit.alarm:
+        audit.record(3, 5)
+    assert route(0.99, 0.8, audit) is FREE_AUDIT and route(0.5, 0.8, audit) is SERVER
+    before = audit.audits
+    assert settle(FREE_AUDIT, audit, 3, 5) == 5 and audit.audits == before + 1  # the server's answer, compared
+    assert settle(SERVER, audit, 3, 5) == 5 and audit.audits == before + 1
+
+
+def test_calibrated_disagreement_from_the_manifest(tiny_manifest):
+    import dataclasses
+
+    cal = dataclasses.replace(tiny_manifest.calibration, n=1000, exit_rate=0.9, disagreement=0.01)
+    p0 = calibrated_disagreement(dataclasses.replace(tiny_manifest, calibration=cal), delta=0.05)
+    assert 0.01 < p0 < 0.02  # an upper bound on 9 of 900
+    # without the field: (exit head error + server error) / exit rate, from the table (the tiny model is never right)
+    assert calibrated_disagreement(tiny_manifest) == 1.0

@@ -92,3 +92,27 @@ def test_bad_values_are_refused():
         projected_percent(-5.0, 1.0, 1.0, 10.0)
     with pytest.raises(ValueError):
         RequestRate(window=1)
+
+
+def test_battery_limit_follows_the_observed_rate_and_moves_the_controller():
+    from splitinfer.edge.battery import BatteryLimit
+    from splitinfer.edge.controller import BudgetController, Constraints
+    from splitinfer.edge.energy import EnergyModel
+    from splitinfer.protos.points import OperatingPoint
+
+    budget = BatteryBudget(BatteryCapacity(10.0, "test"), 1.0, 2.0)  # 360,000 mJ over 2 h
+    limit = BatteryLimit(budget, prior_rate=1.0)
+    assert limit.limit_mj == pytest.approx(360_000 / 7200)
+    points = [OperatingPoint("a", 0.0, 0.8, 8, "int8", 0.9, 1.0, 0.0, 0.0, device_ms=1.0),
+              OperatingPoint("b", 2.0, 0.8, 8, "int8", 0.95, 0.0, 600.0, 600.0, device_ms=1.0)]
+    controller = BudgetController(points, Constraints(max_device_energy_mj=limit.limit_mj),
+                                  energy=EnergyModel.named("laptop", "wifi"))
+    for t in range(10):
+        limit.before_request(controller, at=t * 0.25)  # 4 requests/s
+    assert limit.requests_per_s == pytest.approx(4.0)
+    assert controller.limits[0] == pytest.approx(360_000 / (4 * 7200))
+    assert BatteryLimit(budget, fixed_rate=2.0).requests_per_s == 2.0
+    with pytest.raises(ValueError, match="max_bytes"):
+        controller.set_limit("max_bytes", 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        controller.set_limit("max_device_energy_mj", -1.0)

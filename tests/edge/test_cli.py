@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from splitinfer.edge.cli import main
@@ -85,3 +86,39 @@ def test_resized_input_and_bad_arguments(tiny_model_dir, tmp_path, capsys):
             assert exc.code == 2
         else:
             raise AssertionError(f"{bad} accepted")
+
+
+@pytest.mark.parametrize("bad", [["--audit-rate", "1.5"], ["--audit-rate", "-0.1"], ["--audit-alpha", "0"],
+                                 ["--audit-disagreement", "1"], ["--horizon-h", "-1"], ["--max-battery-percent", "0"],
+                                 ["--max-battery-percent", "101"], ["--request-rate", "0"]])
+def test_bad_audit_and_battery_arguments(tiny_model_dir, png_folder, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["classify", "--model", str(tiny_model_dir), *bad, str(png_folder)])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("args,match", [(["--max-battery-percent", "3"], "needs --horizon-h"),
+                                        (["--horizon-h", "8"], "go with --max-battery-percent")])
+def test_incomplete_battery_budget_is_refused(tiny_model_dir, png_folder, args, match, capsys):
+    assert main(["classify", "--model", str(tiny_model_dir), *args, str(png_folder)]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_audit_and_battery_in_the_summary_and_json(tiny_model_dir, png_folder, capsys):
+    code = main(["classify", "--model", str(tiny_model_dir), "--local-server", "--threshold", "0", "--audit-rate", "1",
+                 "--audit-disagreement", "0.05", "--device-profile", "laptop", "--max-battery-percent", "1",
+                 "--horizon-h", "8", "--request-rate", "2", "--json", str(png_folder)])
+    assert code == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert all(line["audited"] and line["decided_on"] in ("device", "server") for line in lines[:1])
+    assert lines[-1]["audit"]["audits"] >= 1 and set(lines[-1]["audit"]) == {"audits", "disagreements", "alarms",
+                                                                              "recoveries", "alarm"}
+    assert "audit: " in captured.err and "drift alarm" in captured.err
+    assert "battery: " in captured.err and "projected over 8 h at 2 requests/s" in captured.err
+
+
+def test_audit_rate_zero_turns_it_off(tiny_model_dir, png_folder, capsys):
+    assert main(["classify", "--model", str(tiny_model_dir), "--local-server", "--audit-rate", "0",
+                 "--audit-disagreement", "0.05", str(png_folder)]) == 0
+    assert "audit:" not in capsys.readouterr().out

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from splitinfer.edge.audit import Audit
 from splitinfer.edge.preprocess import preprocess
 from splitinfer.edge.runner import EdgeResult, EdgeRunner, OffloadPolicy, softmax
 from splitinfer.protos import splitinfer_pb2 as pb
@@ -149,3 +150,41 @@ def test_result_to_dict_is_json(device_session, tiny_manifest, images):
     assert len(data["probabilities"]) == len(tiny_manifest.classes)
     with pytest.raises(ValueError, match="decided_on"):
         EdgeResult(label=0, class_name="0", confidence=1.0, probabilities=(1.0,), decided_on="cloud")
+
+
+def test_audit_offloads_device_answers_and_keeps_them(device_session, tiny_manifest, images):
+    k = len(tiny_manifest.classes)
+    labels = [exit_answer(device_session, tiny_manifest, image)[0] for image in images]
+    transport = FakeTransport(label=labels[0], num_classes=k)
+    audit = Audit(rate=1.0, calibrated_disagreement=0.01, rng=0)
+    runner = EdgeRunner(device_session, transport, tiny_manifest, exit_threshold=0.0, audit=audit)
+    result = runner.classify(images[0])
+    assert result.decided_on == "device" and result.audited and result.label == labels[0]
+    assert result.bytes_sent == transport.requests[0].ByteSize() > 0 and result.bytes_received > 0
+    assert transport.requests[0].purpose == pb.PURPOSE_AUDIT and not transport.requests[0].drift_alarm
+    assert audit.audits == 1 and audit.disagreements == 0
+
+
+def test_audit_alarm_offloads_everything_marked_and_an_audit_failure_keeps_the_device_answer(
+        device_session, tiny_manifest, images):
+    k = len(tiny_manifest.classes)
+    label = exit_answer(device_session, tiny_manifest, images[0])[0]
+    transport = FakeTransport(label=(label + 1) % k, num_classes=k)  # the server always disagrees
+    audit = Audit(rate=1.0, calibrated_disagreement=0.01, rng=0)
+    runner = EdgeRunner(device_session, transport, tiny_manifest, exit_threshold=0.0, audit=audit)
+    results = [runner.classify(images[0]) for _ in range(6)]
+    assert audit.alarm and audit.alarms == 1
+    first_after = next(i for i, r in enumerate(results) if not r.audited)
+    assert all(r.decided_on == "server" and r.label == (label + 1) % k for r in results[first_after:])
+    assert all(q.drift_alarm and q.purpose == pb.PURPOSE_ANSWER for q in transport.requests[first_after:])
+
+    failing = EdgeRunner(device_session, FakeTransport(error=ServerUnavailable("down")), tiny_manifest,
+                         exit_threshold=0.0, audit=Audit(rate=1.0, calibrated_disagreement=0.01, rng=0))
+    result = failing.classify(images[0])
+    assert result.decided_on == "device" and result.audited and result.failure == "outage"
+    assert result.label == label and failing.audit.audits == 0
+
+
+def test_no_audit_without_a_transport(device_session, tiny_manifest, images):
+    runner = EdgeRunner(device_session, None, tiny_manifest, exit_threshold=0.0, audit=Audit(rate=1.0, rng=0))
+    assert runner.audit is None and not runner.classify(images[0]).audited
