@@ -45,7 +45,8 @@ import numpy as np
 
 from splitinfer.protos.calibration import clopper_pearson_upper
 
-__all__ = ["Audit", "Route", "route", "settle", "calibrated_disagreement", "default_alternative"]
+__all__ = ["Audit", "Route", "route", "settle", "calibrated_disagreement", "default_alternative", "audit_for",
+           "DEFAULT_RATE", "DEFAULT_ALPHA", "MAX_DISAGREEMENT"]
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +237,23 @@ def calibrated_disagreement(manifest, delta: float = 0.05) -> float | None:
         server_error = 1.0 - (max(server_all) if server_all else cal.accuracy_full)
         rate = min(1.0, (1.0 - max(exit_all) + server_error) / cal.exit_rate)
     return clopper_pearson_upper(min(answered, int(math.ceil(rate * answered - 1e-9))), answered, delta)
+
+
+DEFAULT_RATE = 0.02  # share of device-answered inputs audited
+DEFAULT_ALPHA = 0.05  # bound on the probability of a false drift alarm
+MAX_DISAGREEMENT = 0.4  # above it the drifted rate the test looks for (at most 0.5) is too close to tell
+
+
+def audit_for(manifest, rate: float = DEFAULT_RATE, alpha: float = DEFAULT_ALPHA,
+              disagreement: float | None = None, rng=None) -> "tuple[Audit | None, str]":
+    """The field audit a model supports: (Audit, "") or (None, why not): rate 0, not a classifier, or
+    no usable calibrated disagreement rate. ``disagreement``: p0 to use instead of the manifest's bound."""
+    if rate == 0:
+        return None, "--audit-rate is 0"
+    if manifest.task != "classification":
+        return None, "the model is not a classifier (it never answers on the device)"
+    p0 = disagreement if disagreement is not None else calibrated_disagreement(manifest, delta=alpha)
+    if p0 is None or p0 >= MAX_DISAGREEMENT:
+        return None, ("the manifest gives no usable calibrated disagreement rate "
+                      f"({'none' if p0 is None else f'{p0:.3f}'}); pass --audit-disagreement to set one")
+    return Audit(rate, p0, alpha, rng=rng), ""

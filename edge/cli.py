@@ -26,7 +26,9 @@ from splitinfer.protos import DEFAULT_MAX_MESSAGE_BYTES
 from splitinfer.protos.errors import SplitInferError
 from splitinfer.protos.manifest import load_manifest
 
-from .audit import Audit, calibrated_disagreement
+from .audit import DEFAULT_ALPHA as DEFAULT_AUDIT_ALPHA
+from .audit import DEFAULT_RATE as DEFAULT_AUDIT_RATE
+from .audit import Audit, audit_for
 from .battery import BatteryBudget, BatteryLimit, battery_capacity
 from .controller import BudgetController, Constraints
 from .energy import DEVICE_PROFILES, LINK_PROFILES, EnergyModel, energy_label, load_energy_file, reference_energy
@@ -41,9 +43,6 @@ logger = logging.getLogger(__name__)
 
 PROG = "splitinfer-edge"
 EXIT_MISCONFIGURED = 3
-DEFAULT_AUDIT_RATE = 0.02
-DEFAULT_AUDIT_ALPHA = 0.05
-MAX_AUDIT_DISAGREEMENT = 0.4  # above it the drifted rate the test looks for (at most 0.5) is too close to tell
 AUDIT_COUNTS = ("audits", "disagreements", "alarms", "recoveries", "alarm")
 
 
@@ -406,17 +405,13 @@ def _battery(args: argparse.Namespace, energy: EnergyModel) -> BatteryLimit | No
 
 
 def _audit(args: argparse.Namespace, manifest, transport) -> Audit | None:
-    """The field audit, or None: --audit-rate 0, no server, a model that cannot exit, or no usable
-    calibrated disagreement rate (logged)."""
-    if args.audit_rate == 0 or transport is None or manifest.task != "classification":
+    """The field audit, or None (no server, or :func:`~splitinfer.edge.audit.audit_for` says why not: logged)."""
+    if transport is None:
         return None
-    p0 = args.audit_disagreement if args.audit_disagreement is not None else \
-        calibrated_disagreement(manifest, delta=args.audit_alpha)
-    if p0 is None or p0 >= MAX_AUDIT_DISAGREEMENT:
-        logger.warning("field audit off: the manifest gives no usable calibrated disagreement rate (%s); pass "
-                       "--audit-disagreement to set one", "none" if p0 is None else f"{p0:.3f}")
-        return None
-    return Audit(args.audit_rate, p0, args.audit_alpha)
+    audit, why_not = audit_for(manifest, args.audit_rate, args.audit_alpha, args.audit_disagreement)
+    if audit is None and args.audit_rate != 0:
+        logger.warning("field audit off: %s", why_not)
+    return audit
 
 
 def _target(text: str) -> str:

@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from splitinfer.edge.energy import EnergyModel, energy_label, reference_energy
+    from splitinfer.edge.audit import audit_for
     from splitinfer.edge.runner import EdgeRunner
     from splitinfer.edge.session import DeviceSession, SessionOptions
     from splitinfer.edge.transport import GrpcTransport
@@ -149,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         session = DeviceSession.from_manifest(manifest, SessionOptions(intra_op_threads=args.threads))
         with GrpcTransport(address, timeout_s=args.timeout_ms / 1e3) as transport:
             energy = EnergyModel.named(args.device_profile, args.link)
-            runner = EdgeRunner(session, transport, manifest, energy=energy)
+            audit, audit_off = audit_for(manifest, rng=0)  # the field audit at its default rate
+            runner = EdgeRunner(session, transport, manifest, energy=energy, audit=audit)
             runner.classify(images[0])  # warm-up: channel connect, first ORT runs
             results = [runner.classify(img) for img in images]
+            audit_state = audit.state() if audit is not None else None
             exit_code = stop_server(proc)
             log.info("server stopped (exit code %s); classifying with no server", exit_code)
             after_stop = [runner.classify(img) for img in images[:20]]
@@ -203,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         "energy_profile": {"device": energy.device.name, "link": energy.link.name, "server": energy.server.name},
         "exit_threshold": manifest.exit_threshold,
         "guarantee": guarantee.to_json() if guarantee is not None else None,
+        "audit": audit_state if audit_state is not None else {"off": audit_off},
+        "audited_rate": float(np.mean([r.audited for r in results])),
         "selection": {"mass": manifest.selection.mass, "budget": manifest.selection.budget},
         "codec": {"encoding": manifest.codec.encoding, "compression": manifest.codec.compression,
                   "zstd_dictionary": "zstd_dictionary" in manifest.files},
@@ -246,6 +251,13 @@ def print_table(r: dict) -> None:
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     print(f"  guarantee (Learn-then-Test on the calibration split): {r['guarantee_line']}")
+    a = r["audit"]
+    if "off" in a:
+        print(f"  field audit: off ({a['off']})")
+    else:
+        print(f"  field audit: {a['audits']} audits ({100 * r['audited_rate']:.1f}% of inputs, counted in the bytes), "
+              f"{a['disagreements']} disagreements with the server (calibrated rate <= {a['calibrated_disagreement']:.4f}); "
+              f"{a['alarms']} drift alarm(s), false alarms <= {a['alpha']:g}")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,17 @@ class Simulation:
     configs: dict
     exit_pred: np.ndarray | None = None
     full_pred: np.ndarray | None = None
+    server_pred: dict | None = None  # config -> the server's predicted class per input (classification)
+
+    def disagreement(self, key, threshold: float) -> float | None:
+        """Share of the inputs config ``key`` answers on the device at ``threshold`` where the server
+        would have answered otherwise (the field audit's calibrated rate); None if it cannot tell."""
+        if self.server_pred is None or self.exit_pred is None:
+            return None
+        exits = self.confidence >= threshold
+        if not exits.any():
+            return None
+        return float((self.exit_pred[exits] != self.server_pred[key][exits]).mean())
 
     @property
     def accuracy_full(self) -> float:
@@ -126,6 +137,7 @@ def simulate_configs(model: SplitModel, data: Dataset, space: SweepSpace, header
     task = model.backbone.task
     conf, exit_c, full_c, exit_p, full_p, labels_all = [], [], [], [], [], []
     outs: dict = {}
+    server_p: dict = {}
     for inputs, rows in data.batches(batch_size):
         exit_out, tokens, importance, w = model.device_forward(inputs)
         full = model.server_forward(tokens, w)
@@ -160,10 +172,12 @@ def simulate_configs(model: SplitModel, data: Dataset, space: SweepSpace, header
                     acc[0].append(_score(task, out, full, labels))
                     acc[1].append(nbytes)
                     acc[2].append(ntok)
+                    if task == "classification":
+                        server_p.setdefault((width, enc, mass, budget), []).append(out.argmax(-1).numpy())
     configs = {k: tuple(np.concatenate(v) for v in vals) for k, vals in outs.items()}
     cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
     return Simulation(cat(labels_all), np.concatenate(conf), np.concatenate(exit_c), np.concatenate(full_c), configs,
-                      cat(exit_p), cat(full_p))
+                      cat(exit_p), cat(full_p), {k: np.concatenate(v) for k, v in server_p.items()} or None)
 
 
 def _outcome(sim: Simulation, key, threshold: float, delta: float | None = None) -> dict:

@@ -229,7 +229,9 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
             exit_rate=chosen["exit_rate"], mean_bytes_per_request=chosen["mean_bytes_per_request"],
             mean_bytes_per_offload=chosen["mean_bytes_per_offload"],
             mean_tokens_per_offload=chosen["mean_tokens_per_offload"], max_accuracy_drop=options.max_accuracy_drop,
-            guarantee=guarantee),
+            guarantee=guarantee,
+            disagreement=sim.disagreement((width, chosen["encoding"], chosen["mass"], chosen["budget"]),
+                                          chosen["threshold"])),
         bottleneck=width, device_auto_choice=auto_choice, info=info,
     )
     manifest = write_manifest(out_dir, manifest)

@@ -144,8 +144,12 @@ def test_route_audits_device_answers_and_offloads_everything_under_an_alarm():
 def test_calibrated_disagreement_from_the_manifest(tiny_manifest):
     import dataclasses
 
-    cal = dataclasses.replace(tiny_manifest.calibration, n=1000, exit_rate=0.9, disagreement=0.01)
+    cal = dataclasses.replace(tiny_manifest.calibration, n=1000, exit_rate=0.9, disagreement=0.01, guarantee=None)
     p0 = calibrated_disagreement(dataclasses.replace(tiny_manifest, calibration=cal), delta=0.05)
     assert 0.01 < p0 < 0.02  # an upper bound on 9 of 900
     # without the field: (exit head error + server error) / exit rate, from the table (the tiny model is never right)
-    assert calibrated_disagreement(tiny_manifest) == 1.0
+    older = dataclasses.replace(tiny_manifest, calibration=dataclasses.replace(tiny_manifest.calibration,
+                                                                                disagreement=None))
+    assert calibrated_disagreement(older) == 1.0
+    # export measures it: the tiny model's exit head and server never agree
+    assert tiny_manifest.calibration.disagreement == 1.0 and calibrated_disagreement(tiny_manifest) == 1.0
