@@ -78,8 +78,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip pareto.png")
     p.add_argument("--max-accuracy-drop", type=float, default=0.002,
                    help="the default operating point is the cheapest certified point within this of the most accurate one")
-    p.add_argument("--epsilon", type=float, default=0.01,
-                   help="tolerated accuracy loss against the whole model, certified by Learn-then-Test (default 0.01)")
+    p.add_argument("--epsilon", type=float, default=0.02,
+                   help="tolerated accuracy loss against the whole model, certified by Learn-then-Test (default 0.02)")
     p.add_argument("--delta", type=float, default=0.1,
                    help="the certificate holds with probability >= 1 - delta over the calibration draw (default 0.1)")
     p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs (default: the whole split)")

@@ -64,7 +64,7 @@ class ExportOptions:
     mass: float | str = "auto"
     budget: int | str = "auto"
     max_accuracy_drop: float = 0.002
-    epsilon: float = 0.01
+    epsilon: float = 0.02
     delta: float = 0.1
     calibration_size: int | None = None
     bottleneck: int | str = "auto"
