@@ -51,8 +51,10 @@ def _cached(kind: str, level: int, dictionary) -> "zstandard.ZstdCompressor | zs
     entry = cache.get(key)
     if entry is None or entry[1] is not dictionary:
         if kind == "c":
+            # no dictionary id in the frame (4 bytes): the packet says it uses the model's dictionary,
+            # and the deployment hash already ties edge and server to the same one
             obj = zstandard.ZstdCompressor(level=level, dict_data=dictionary, write_content_size=True,
-                                           write_dict_id=dictionary is not None)
+                                           write_dict_id=False)
         else:
             obj = zstandard.ZstdDecompressor(dict_data=dictionary)
         entry = cache[key] = (obj, dictionary)
@@ -78,7 +80,7 @@ class CodecConfig:
 
     encoding: str = "int8"
     compression: str = "zstd"
-    zstd_level: int = 3
+    zstd_level: int = 1  # token payloads are a few hundred bytes: higher levels cost time, not bytes
     group_size: int = 0
     scale_dtype: str = "fp32"
 
