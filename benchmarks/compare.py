@@ -371,24 +371,32 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(report["models"].items())
-    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4.5 * len(models)), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(len(models), 2, figsize=(15, 4.5 * len(models)), dpi=110, squeeze=False)
     for row, (key, r) in enumerate(models):
+        # baselines get a letter at their point and a line in the key beside the plots; splitinfer
+        # points their operating point id (several baselines share one accuracy: names would overprint)
+        codes = {s["name"]: chr(ord("A") + i) for i, s in enumerate(x for x in r["systems"]
+                                                                   if not x["name"].startswith("splitinfer"))}
         for col, (field, label) in enumerate((("mean_bytes_per_request", "mean bytes per request (log)"),
                                               ("device_ms_p50", "device ms p50 (log)"))):
             ax = axes[row][col]
             for s in r["systems"]:
                 x = max(s[field], 0.5 if field.startswith("mean") else 1e-3)
-                style = ("o", "tab:blue") if s["name"].startswith("splitinfer") else ("s", "tab:red")
-                ax.scatter([x], [s["accuracy"]], marker=style[0], color=style[1], s=30)
-                ax.annotate(s["name"].replace("splitinfer ", ""), (x, s["accuracy"]), fontsize=6,
-                            textcoords="offset points", xytext=(3, 3))
+                ours = s["name"].startswith("splitinfer")
+                ax.scatter([x], [s["accuracy"]], marker="o" if ours else "s", color="tab:blue" if ours else "tab:red",
+                           s=30)
+                text = s["name"].replace("splitinfer ", "").replace(" (default)", "*") if ours else codes[s["name"]]
+                ax.annotate(text, (x, s["accuracy"]), fontsize=7, textcoords="offset points",
+                            xytext=(3, 3) if ours else (-3, -9), color="tab:blue" if ours else "tab:red")
             ax.set_xscale("log")
             ax.set_xlabel(label + ("; 0 B at the left edge" if col == 0 else ""))
             ax.set_ylabel("accuracy (test)")
-            ax.set_title(f"{key}: accuracy vs {'bytes' if col == 0 else 'device time'} (blue: splitinfer points)",
-                         fontsize=9)
+            ax.set_title(f"{key}: accuracy vs {'bytes' if col == 0 else 'device time'}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+        legend = "\n".join([f"{c}  {name}" for name, c in codes.items()] +
+                           ["", "blue: splitinfer operating points", "* the default point"])
+        axes[row][1].text(1.04, 1.0, legend, transform=axes[row][1].transAxes, va="top", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.78, 1))
     fig.savefig(path)
     plt.close(fig)
 
