@@ -234,7 +234,7 @@ class EdgeRunner:
         self.task = manifest.task
         self._encoder = TokenEncoder(codec if codec is not None else manifest.codec.config(), self.zstd_dictionary)
         self._point_settings: dict["OperatingPoint", tuple[OffloadPolicy, TokenEncoder]] = {}
-        self._header = {"model": manifest.name, "manifest_sha256": manifest.sha256}
+        self._template = pb.InferRequest(model=manifest.name, manifest_sha256=manifest.sha256)
         self._id_prefix, self._ids = uuid.uuid4().hex[:16], itertools.count()  # request ids: 32 hex digits
 
     @property
@@ -340,7 +340,9 @@ class EdgeRunner:
         """tokens float32 (N, d), importance float32 (N - 1,) -> InferRequest with the selected tokens."""
         policy, encoder = self._settings(point)
         positions = select_positions(importance, policy.mass, policy.budget, policy.min_tokens)
-        request = pb.InferRequest(request_id=request_id, **self._header)
+        request = pb.InferRequest()
+        request.CopyFrom(self._template)  # model and manifest hash, set once
+        request.request_id = request_id
         encoder.encode_into(request.packet, tokens.take(positions, axis=0), positions)
         return request
 
