@@ -256,7 +256,7 @@ def print_table(r: dict) -> None:
         print(f"  field audit: off ({a['off']})")
     else:
         print(f"  field audit: {a['audits']} audits ({100 * r['audited_rate']:.1f}% of inputs, counted in the bytes), "
-              f"{a['disagreements']} disagreements with the server (calibrated rate <= {a['calibrated_disagreement']:.4f}); "
+              f"{a['disagreements']} disagreement(s) with the server (calibrated rate <= {a['calibrated_disagreement']:.4f}); "
               f"{a['alarms']} drift alarm(s), false alarms <= {a['alpha']:g}")
 
 
