@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from splitinfer.edge.session import DeviceSession
 from splitinfer.edge.transport import GrpcTransport
 from splitinfer.export.data import make_split
 from splitinfer.protos import PacketLimits, decode_tokens, load_manifest
+
+from ..cloud.serve_process import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,16 +91,9 @@ def test_cli_edge_against_cli_server(tiny_model_dir, canvases, tmp_path):
 
     for i, img in enumerate(canvases[0][:4]):
         Image.fromarray(img, mode="L").save(tmp_path / f"digit_{i}.png")
-    server = subprocess.Popen([sys.executable, "-m", "splitinfer.cloud.cli", "--model", str(tiny_model_dir), "--port", "0"],
-                              stdout=subprocess.PIPE, text=True)
+    server = ServeProcess(tiny_model_dir, tmp_path / "serve.log").start()
+    address = server.address
     try:
-        address = None
-        for line in server.stdout:
-            match = re.search(r"listening on (\S+)", line)
-            if match:
-                address = match.group(1)
-                break
-        assert address, "server did not report its address"
         edge = subprocess.run([sys.executable, "-m", "splitinfer.edge.cli", "classify", "--model", str(tiny_model_dir),
                                "--server", address, "--threshold", "2", "--json", str(tmp_path)],
                               capture_output=True, text=True, timeout=60)
@@ -108,8 +102,7 @@ def test_cli_edge_against_cli_server(tiny_model_dir, canvases, tmp_path):
         assert len(records) == 4 and {r["decided_on"] for r in records} == {"server"}
         assert all(r["bytes_sent"] > 0 for r in records)
     finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=20) == 0
+        assert server.stop(timeout=20) == 0
 
 
 @pytest.mark.slow

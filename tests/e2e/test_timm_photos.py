@@ -9,8 +9,6 @@ itself then tells the photos apart, and the test can tell a wrong pipeline from 
 from __future__ import annotations
 
 import json
-import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +22,8 @@ skimage_data = pytest.importorskip("skimage.data")
 
 from PIL import Image  # noqa: E402
 from timm.data import create_transform, resolve_data_config  # noqa: E402
+
+from ..cloud.serve_process import ServeProcess  # noqa: E402
 
 PHOTOS = {"astronaut": "astronaut", "cat": "chelsea", "coffee": "coffee", "rocket": "rocket"}  # class: photo
 CLASSES = sorted(PHOTOS)  # the imagefolder's class order
@@ -84,7 +84,7 @@ def deit_folder(photos_and_model, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_edge_classify_on_jpeg_photos_through_real_server_gives_timms_class(photos_and_model, deit_folder):
+def test_edge_classify_on_jpeg_photos_through_real_server_gives_timms_class(photos_and_model, deit_folder, tmp_path):
     paths, _, _, model = photos_and_model
     with torch.no_grad():
         logits = model(timm_inputs(model, paths)).numpy()  # timm's own forward, float32 (4, 4)
@@ -94,16 +94,9 @@ def test_edge_classify_on_jpeg_photos_through_real_server_gives_timms_class(phot
     assert manifest["classes"] == CLASSES
     assert manifest["input"]["preprocessing"]["resize"] == "shorter_side"  # timm's eval transform, recorded
 
-    server = subprocess.Popen([sys.executable, "-m", "splitinfer.cloud.cli", "--model", str(deit_folder),
-                               "--port", "0"], stdout=subprocess.PIPE, text=True)
+    server = ServeProcess(deit_folder, tmp_path / "serve.log").start()
+    address = server.address
     try:
-        address = None
-        for line in server.stdout:
-            match = re.search(r"listening on (\S+)", line)
-            if match:
-                address = match.group(1)
-                break
-        assert address, "server did not report its address"
         # --threshold 2: never exit early; every token sent: the server half computes timm's forward
         edge = subprocess.run([sys.executable, "-m", "splitinfer.edge.cli", "classify", "--model", str(deit_folder),
                                "--server", address, "--require-server", "--threshold", "2", "--budget", "196",
@@ -111,8 +104,7 @@ def test_edge_classify_on_jpeg_photos_through_real_server_gives_timms_class(phot
                               capture_output=True, text=True, timeout=120)
         assert edge.returncode == 0, edge.stderr
     finally:
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
+        assert server.stop(timeout=30) == 0
     records = [json.loads(line) for line in edge.stdout.splitlines() if line.strip()]
     assert [Path(r["input"]).name for r in records] == [p.name for p in paths]
     for record, label, row in zip(records, expected, logits):
