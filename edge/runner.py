@@ -338,8 +338,8 @@ class EdgeRunner:
     def build_request(self, tokens: np.ndarray, importance: np.ndarray, request_id: str,
                       point: "OperatingPoint | None" = None) -> pb.InferRequest:
         """tokens float32 (N, d), importance float32 (N - 1,) -> InferRequest with the selected tokens."""
-        policy, encoder = self._settings(point)
-        positions = select_positions(importance, policy.mass, policy.budget, policy.min_tokens)
+        positions = self.select(importance, point)
+        _, encoder = self._settings(point)
         request = pb.InferRequest()
         request.CopyFrom(self._template)  # model and manifest hash, set once
         request.request_id = request_id

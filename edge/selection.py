@@ -6,13 +6,10 @@ Pure numpy, no torch. ``splitinfer.export.tokens.select_tokens_mask`` is its exa
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 
 __all__ = ["select_positions", "select_tokens"]
-
-_local = threading.local()
 
 
 def select_positions(importance: np.ndarray, mass: float, budget: int, min_tokens: int = 1) -> np.ndarray:
@@ -36,10 +33,8 @@ def select_positions(importance: np.ndarray, mass: float, budget: int, min_token
     # one stable argsort over [-inf, -importance] ranks the patches and puts CLS (position 0) first,
     # so the ranking is already in positions. Methods and ufunc methods, not the np.* wrappers.
     p = importance.size
-    keys = _local.__dict__.setdefault("keys", {})  # one key buffer per thread and length, -inf first
-    key = keys.get(p)
-    if key is None:
-        key = keys[p] = np.full(p + 1, -np.inf, dtype=np.float32)
+    key = np.empty(p + 1, dtype=np.float32)
+    key[0] = -np.inf
     np.negative(importance, out=key[1:])
     order = key.argsort(kind="stable")
     neg_csum = np.add.accumulate(key[order[1:]], dtype=np.float64)  # -(cumulative importance), exact

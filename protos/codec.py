@@ -337,7 +337,7 @@ def decode_batch(packets: "list[pb.TokenPacket]", limits: PacketLimits) -> "list
     one value check for all of them), which costs a fraction of decoding them one by one.
     """
     out: list = [None] * len(packets)
-    groups: dict[tuple, list[tuple[int, _Unpacked]]] = {}
+    layouts: dict[tuple, list[tuple[int, _Unpacked]]] = {}
     for i, packet in enumerate(packets):
         try:
             unpacked = _unpack(packet, limits)
@@ -345,10 +345,10 @@ def decode_batch(packets: "list[pb.TokenPacket]", limits: PacketLimits) -> "list
             out[i] = exc
             continue
         layout = (unpacked.encoding, unpacked.d, None if unpacked.scales is None else unpacked.scales.shape[1])
-        groups.setdefault(layout, []).append((i, unpacked))
-    for (encoding, d, _groups), members in groups.items():
+        layouts.setdefault(layout, []).append((i, unpacked))
+    for (encoding, d, scale_groups), members in layouts.items():
         counts = [u.k for _, u in members]
-        scales = None if _groups is None else np.concatenate([u.scales for _, u in members])
+        scales = None if scale_groups is None else np.concatenate([u.scales for _, u in members])
         tokens = _to_tokens(encoding, b"".join(u.raw for _, u in members), sum(counts), d, scales)  # (sum K, d)
         peaks = np.abs(tokens).max(axis=1)  # (sum K,), NaN where a token has one
         starts = np.cumsum([0] + counts[:-1])
