@@ -7,7 +7,7 @@ gives padded rows the same answer as unpadded ones, so both are exact.
 
 When a batch is formed::
 
-    a model instance is free and requests are queued
+    fewer than one prepared batch per instance waits for compute and requests are queued
       max_queue_delay_ms == 0  -> take what is queued once the requests that arrived together are in
                                   (one event-loop turn), up to max_batch_size
       max_queue_delay_ms  > 0  -> wait until max_batch_size are queued or the oldest has waited that long
@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from splitinfer.protos import DeadlineExceeded, Overloaded, ServerInternalError, SplitInferError
-from splitinfer.protos.codec import decode_batch
+from splitinfer.protos.codec import UnpackedPacket, decode_batch, unpack_packet
 from splitinfer.protos import splitinfer_pb2 as pb
 
 from .engine import ServerHalf
 from .service import probabilities_from_logits
 
-__all__ = ["PADDING_MODES", "BatchConfig", "pad_tokens", "length_buckets", "run_batch", "decode_and_run",
+__all__ = ["PADDING_MODES", "BatchConfig", "pad_tokens", "length_buckets", "padded_groups", "run_batch", "decode_and_run",
            "ModelBatcher"]
 
 logger = logging.getLogger(__name__)
@@ -90,27 +90,33 @@ def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     return [groups[key] for key in sorted(groups)]
 
 
+def padded_groups(rows: Sequence[np.ndarray], padding: str = "pad") -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    """B ragged token sets (K_i, d) -> the server-half inputs: per group (row indices, tokens (b, T, d),
+    mask (b, T)); one group with ``padding="pad"``, one per length bucket with ``"bucket"``."""
+    if padding == "pad" or len(rows) == 1:
+        groups = [list(range(len(rows)))]
+    else:
+        groups = length_buckets([len(row) for row in rows])
+    return [(group, *pad_tokens([rows[i] for i in group])) for group in groups]
+
+
 def run_batch(model: ServerHalf, rows: Sequence[np.ndarray], padding: str = "pad") -> tuple[np.ndarray, float]:
     """Run the server half on B ragged token sets (K_i, d) -> (probabilities float32 (B, C), compute ms).
 
     A row whose logits are not finite comes back as NaN (see ``probabilities_from_logits``).
     """
     start = time.perf_counter()
-    if padding == "pad" or len(rows) == 1:
-        groups = [list(range(len(rows)))]
-    else:
-        groups = length_buckets([len(row) for row in rows])
     probabilities = np.empty((len(rows), model.output_width), dtype=np.float32)  # (B, C)
-    for group in groups:
-        tokens, mask = pad_tokens([rows[i] for i in group])  # (b, T, d), (b, T)
+    for group, tokens, mask in padded_groups(rows, padding):
         logits = model.run(tokens, mask)  # (b, C)
         probabilities[group] = probabilities_from_logits(model, logits, rows=len(group))
     return probabilities, (time.perf_counter() - start) * 1e3
 
 
-def decode_and_run(model: ServerHalf, packets: Sequence[pb.TokenPacket],
+def decode_and_run(model: ServerHalf, packets: Sequence[pb.TokenPacket | UnpackedPacket],
                    padding: str = "pad") -> tuple[list[np.ndarray | SplitInferError], float, float]:
-    """Decode B token packets and run the valid ones as one batch (on a worker thread, off the event loop).
+    """Decode B token packets (or packets unpacked on arrival) and run the valid ones as one batch
+    (on a worker thread, off the event loop).
 
     Returns (one entry per packet: probabilities float32 (C,) or the InvalidPacket it raised,
     decode ms of the whole batch, compute ms of the whole batch).
@@ -128,28 +134,53 @@ def decode_and_run(model: ServerHalf, packets: Sequence[pb.TokenPacket],
 
 
 class _Pending:
-    """One queued request: its token packet, the future its handler awaits, its deadline."""
+    """One queued request: its unpacked token packet, the future its handler awaits, its deadline."""
 
     __slots__ = ("packet", "future", "deadline", "enqueued_at")
 
-    def __init__(self, packet: pb.TokenPacket, future: asyncio.Future, deadline: float | None, now: float) -> None:
+    def __init__(self, packet: UnpackedPacket, future: asyncio.Future, deadline: float | None, now: float) -> None:
         self.packet = packet
         self.future = future
         self.deadline = deadline
         self.enqueued_at = now
 
 
+class _Prepared:
+    """A batch ready for the server half: its requests, its inputs per group, its decode time."""
+
+    __slots__ = ("batch", "groups", "decode_ms", "logits", "compute_ms", "error")
+
+    def __init__(self, batch: list[_Pending], groups: list, decode_ms: float) -> None:
+        self.batch, self.groups, self.decode_ms = batch, groups, decode_ms
+        self.logits: list[np.ndarray] = []
+        self.compute_ms = 0.0
+        self.error: BaseException | None = None
+
+
 BatchObserver = Callable[[ServerHalf, int, float], None]  # (model, batch size, compute seconds)
 
 
 class ModelBatcher:
-    """Queues requests for one model; decodes and runs them in batches on ``executor`` threads.
+    """Queues requests for one model and runs them through the server half in batches.
 
     ``submit`` returns a future resolving to (probabilities float32 (C,), decode ms, compute ms),
     the times being its share of its batch's; an invalid packet fails its own request only.
     Call ``start`` inside the event loop; ``close`` stops taking requests, finishes the queued ones
     and waits for the workers. ``on_batch(model, size, compute_s)`` is called after each batch.
+
+    The work is split so that the server half never waits for the event loop::
+
+        event loop   submit: check + decompress the packet -> queue
+                     a batch is taken from the queue and prepared (values checked, padded) while
+                     the previous one computes: at most one prepared batch waits per instance
+        worker       ONNX Runtime's run on prepared batches back to back (without the GIL)
+        event loop   softmax, answers set, the next batch prepared
+
+    A worker thread (from ``executor``) keeps computing while prepared batches are there; after
+    ``DRAIN_BATCHES`` it hands the thread back, so models that share the executor take turns.
     """
+
+    DRAIN_BATCHES = 8
 
     def __init__(self, model: ServerHalf, config: BatchConfig, executor: Executor,
                  on_batch: BatchObserver | None = None, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -159,16 +190,20 @@ class ModelBatcher:
         self._on_batch = on_batch
         self._clock = clock
         self._queue: deque[_Pending] = deque()
-        self._arrived = asyncio.Event()
+        self._ready: deque[_Prepared] = deque()  # prepared, not yet taken by a worker
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kick_pending = False
+        self._fill_timer: asyncio.TimerHandle | None = None
+        self._workers = 0  # worker threads computing this model's batches
         self._closing = False
-        self._workers: list[asyncio.Task] = []
-        self.computing = 0  # requests in batches being computed
+        self._idle = asyncio.Event()
+        self.computing = 0  # requests in prepared or computing batches
         self.dropped = 0  # requests dropped before compute: deadline passed or client gone
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for a batch."""
-        return len(self._queue)
+        """Requests waiting: queued, or in a prepared batch not yet computing."""
+        return len(self._queue) + sum(len(prepared.batch) for prepared in list(self._ready))
 
     @property
     def in_flight(self) -> int:
@@ -176,94 +211,74 @@ class ModelBatcher:
         return len(self._queue) + self.computing
 
     def start(self) -> None:
-        if not self._workers:
-            self._workers = [asyncio.create_task(self._work(), name=f"batcher-{self.model.name}-{i}")
-                             for i in range(self.config.instances)]
+        self._loop = asyncio.get_running_loop()
 
     def submit(self, packet: pb.TokenPacket, deadline: float | None = None) -> asyncio.Future:
         """Queue a token packet; ``deadline`` is a ``clock()`` time after which the request is dropped.
 
-        Raises Overloaded when the queue is full or the batcher is closing.
+        The packet is checked and decompressed here (about 10 µs): an invalid one raises
+        InvalidPacket at once, for this request alone. Raises Overloaded when the queue is full or
+        the batcher is closing.
         """
         if self._closing:
             raise Overloaded(f"model {self.model.name!r} is being unloaded; retry")
-        if len(self._queue) >= self.config.max_queue:
-            raise Overloaded(f"model {self.model.name!r}: {len(self._queue)} requests already queued "
+        waiting = self.queue_depth
+        if waiting >= self.config.max_queue:
+            raise Overloaded(f"model {self.model.name!r}: {waiting} requests already queued "
                              f"(limit {self.config.max_queue}); retry later")
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(packet, future, deadline, self._clock()))
-        if not self._arrived.is_set():
-            self._arrived.set()
+        unpacked = unpack_packet(packet, self.model.packet_limits)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        future = self._loop.create_future()
+        self._queue.append(_Pending(unpacked, future, deadline, self._clock()))
+        self._schedule_kick()
         return future
 
     async def close(self) -> None:
         """Refuse new requests, finish the queued ones, stop the workers."""
         self._closing = True
-        self._arrived.set()
-        if self._workers:
-            await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._loop is not None:
+            self._kick()
+            while self._queue or self._ready or self._workers:
+                self._idle.clear()
+                await self._idle.wait()
         for pending in self._queue:
             if not pending.future.done():
                 pending.future.set_exception(Overloaded(f"model {self.model.name!r} was unloaded"))
         self._queue.clear()
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._next_batch()
-            if batch is None:
-                return
-            self.computing += len(batch)
-            try:
-                outcomes, decode_ms, compute_ms = await loop.run_in_executor(
-                    self._executor, decode_and_run, self.model, [p.packet for p in batch], self.config.padding)
-            except Exception as exc:  # a failed batch fails its requests, never the batcher
-                if not isinstance(exc, SplitInferError):
-                    logger.exception("model %s: a batch of %d failed", self.model.name, len(batch))
-                    exc = ServerInternalError(f"model {self.model.name!r}: the server half failed")
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
-            finally:
-                self.computing -= len(batch)
-            share_ms = decode_ms / len(batch)
-            for pending, outcome in zip(batch, outcomes):
-                if pending.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result((outcome, share_ms, compute_ms))
-            if self._on_batch is not None:
-                self._on_batch(self.model, len(batch), compute_ms / 1e3)
+    # --- on the event loop ----------------------------------------------------------------------
 
-    async def _next_batch(self) -> list[_Pending] | None:
-        """The next batch to compute, or None once closing and the queue is empty."""
+    def _schedule_kick(self) -> None:
+        """Prepare batches at the end of this loop turn, once the requests that arrived together are in."""
+        if not self._kick_pending:
+            self._kick_pending = True
+            self._loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        """Prepare the next batches while fewer than one per instance wait, and start workers for them."""
+        self._kick_pending = False
         limit = self.config.max_batch_size
         delay_s = self.config.max_queue_delay_ms / 1e3
-        while True:
-            while not self._queue:
-                if self._closing:
-                    return None
-                self._arrived.clear()
-                await self._arrived.wait()
-            if len(self._queue) < limit:
-                await asyncio.sleep(0)  # let handlers woken by the same network events queue their requests first
-            if delay_s > 0:
+        while self._queue and len(self._ready) < self.config.instances:
+            if delay_s > 0 and len(self._queue) < limit and not self._closing:
                 fill_by = self._queue[0].enqueued_at + delay_s
-                while len(self._queue) < limit and not self._closing:
-                    remaining = fill_by - self._clock()
-                    if remaining <= 0:
-                        break
-                    self._arrived.clear()
-                    try:
-                        await asyncio.wait_for(self._arrived.wait(), remaining)
-                    except asyncio.TimeoutError:
-                        break
+                if self._clock() < fill_by:  # wait for the batch to fill, or for its oldest request's delay
+                    if self._fill_timer is None:
+                        self._fill_timer = self._loop.call_later(fill_by - self._clock(), self._fill_timeout)
+                    break
             batch = self._take(limit)
             if batch:
-                return batch
+                self._prepare(batch)
+        while self._ready and self._workers < self.config.instances:
+            self._workers += 1
+            self._loop.run_in_executor(self._executor, self._drain).add_done_callback(self._worker_done)
+        if not (self._queue or self._ready or self._workers):
+            self._idle.set()
+
+    def _fill_timeout(self) -> None:
+        self._fill_timer = None
+        self._kick()
 
     def _take(self, limit: int) -> list[_Pending]:
         now = self._clock()
@@ -281,3 +296,80 @@ class ModelBatcher:
             else:
                 batch.append(pending)
         return batch
+
+    def _prepare(self, batch: list[_Pending]) -> None:
+        """Check the batch's values and pad it; a packet whose values are invalid fails its own request."""
+        start = time.perf_counter()
+        decoded = decode_batch([p.packet for p in batch], self.model.packet_limits)
+        valid = []
+        for pending, outcome in zip(batch, decoded):
+            if isinstance(outcome, SplitInferError):
+                pending.future.set_exception(outcome)
+            else:
+                valid.append((pending, outcome))
+        if not valid:
+            return
+        kept = [pending for pending, _ in valid]
+        try:
+            groups = padded_groups([rows for _, rows in valid], self.config.padding)
+        except Exception as exc:
+            self._fail(kept, exc)
+            return
+        self.computing += len(kept)
+        self._ready.append(_Prepared(kept, groups, (time.perf_counter() - start) * 1e3))
+
+    def _fail(self, batch: list[_Pending], exc: BaseException) -> None:
+        if not isinstance(exc, SplitInferError):
+            logger.error("model %s: a batch of %d failed", self.model.name, len(batch), exc_info=exc)
+            exc = ServerInternalError(f"model {self.model.name!r}: the server half failed")
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+
+    def _resolve(self, prepared: _Prepared) -> None:
+        """A computed batch: softmax per group, then each request's answer."""
+        batch = prepared.batch
+        self.computing -= len(batch)
+        if prepared.error is not None:
+            self._fail(batch, prepared.error)
+            return
+        try:
+            answers = [None] * len(batch)
+            for (group, _tokens, _mask), logits in zip(prepared.groups, prepared.logits):
+                probabilities = probabilities_from_logits(self.model, logits, rows=len(group))  # (b, C)
+                for row, index in enumerate(group):
+                    answers[index] = probabilities[row]
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        share_ms = prepared.decode_ms / len(batch)
+        for pending, answer in zip(batch, answers):
+            if not pending.future.done():
+                pending.future.set_result((answer, share_ms, prepared.compute_ms))
+        if self._on_batch is not None:
+            self._on_batch(self.model, len(batch), prepared.compute_ms / 1e3)
+
+    def _worker_done(self, future: asyncio.Future) -> None:
+        self._workers -= 1
+        if future.exception() is not None:  # _drain fails batches, not itself: this is a bug
+            logger.error("model %s: a batch worker failed", self.model.name, exc_info=future.exception())
+        self._kick()
+
+    # --- on a worker thread ---------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Compute prepared batches back to back; each answer goes back to the loop once per batch."""
+        loop = self._loop
+        for _ in range(self.DRAIN_BATCHES):
+            try:
+                prepared = self._ready.popleft()
+            except IndexError:
+                return
+            loop.call_soon_threadsafe(self._kick)  # prepare the next batch while this one computes
+            start = time.perf_counter()
+            try:
+                prepared.logits = [self.model.run(tokens, mask) for _group, tokens, mask in prepared.groups]
+            except Exception as exc:  # a failed batch fails its requests, never the batcher
+                prepared.error = exc
+            prepared.compute_ms = (time.perf_counter() - start) * 1e3
+            loop.call_soon_threadsafe(self._resolve, prepared)

@@ -24,9 +24,9 @@ import zstandard
 from . import splitinfer_pb2 as pb
 from .errors import InvalidPacket
 
-__all__ = ["CodecConfig", "PacketLimits", "TokenEncoder", "DEFAULT_MAX_ABS_VALUE", "load_dictionary", "ENCODINGS", "COMPRESSIONS",
+__all__ = ["CodecConfig", "PacketLimits", "TokenEncoder", "UnpackedPacket", "unpack_packet", "decode_batch", "DEFAULT_MAX_ABS_VALUE", "load_dictionary", "ENCODINGS", "COMPRESSIONS",
            "SCALE_DTYPES", "encode_tokens",
-           "decode_tokens", "decode_batch", "quantize", "dequantize", "quantize_int8", "dequantize_int8", "pack_int4",
+           "decode_tokens", "quantize", "dequantize", "quantize_int8", "dequantize_int8", "pack_int4",
            "unpack_int4", "raw_payload_bytes"]
 
 ENCODINGS = {"fp32": pb.ENCODING_FP32, "fp16": pb.ENCODING_FP16, "int8": pb.ENCODING_INT8, "int4": pb.ENCODING_INT4}
@@ -322,36 +322,60 @@ def encode_tokens(tokens: np.ndarray, positions: np.ndarray, config: CodecConfig
 
 def decode_tokens(packet: pb.TokenPacket, limits: PacketLimits) -> tuple[np.ndarray, np.ndarray]:
     """TokenPacket -> (tokens float32 (K, d), positions int64 (K,)), or InvalidPacket."""
-    unpacked = _unpack(packet, limits)
-    tokens = _to_tokens(unpacked.encoding, unpacked.raw, unpacked.k, unpacked.d, unpacked.scales)
-    _check_values(tokens, limits.max_abs_value, unpacked.scales is not None)
+    unpacked = unpack_packet(packet, limits)
+    (tokens,) = decode_batch([unpacked], limits)
+    if isinstance(tokens, InvalidPacket):
+        raise tokens
     return tokens, np.array(unpacked.positions, dtype=np.int64)
 
 
-def decode_batch(packets: "list[pb.TokenPacket]", limits: PacketLimits) -> "list[np.ndarray | InvalidPacket]":
+def decode_batch(packets: "list[pb.TokenPacket | UnpackedPacket]",
+                 limits: PacketLimits) -> "list[np.ndarray | InvalidPacket]":
     """B packets -> per packet its tokens float32 (K_i, d) (as :func:`decode_tokens` gives them) or
     the InvalidPacket it raised; one bad packet fails only itself.
 
-    What a server does per batch: each packet is validated and decompressed on its own, then the
-    packets of one encoding and scale layout are converted together (one unpack, one dequantize,
-    one value check for all of them), which costs a fraction of decoding them one by one.
+    What a server does per batch: each packet's fields are checked on their own (or were, by
+    :func:`unpack_packet` when it arrived), then the batch is decompressed in one call per zstd
+    dictionary, and the packets of one encoding and scale layout are converted together (one
+    scale read and check, one unpack, one dequantize, one value check for all of them), which
+    costs a fraction of decoding them one by one.
     """
     out: list = [None] * len(packets)
-    layouts: dict[tuple, list[tuple[int, _Unpacked]]] = {}
+    units: list[tuple[int, UnpackedPacket]] = []
     for i, packet in enumerate(packets):
+        if isinstance(packet, UnpackedPacket):
+            units.append((i, packet))
+            continue
         try:
-            unpacked = _unpack(packet, limits)
+            units.append((i, unpack_packet(packet, limits)))
         except InvalidPacket as exc:
             out[i] = exc
-            continue
-        layout = (unpacked.encoding, unpacked.d, None if unpacked.scales is None else unpacked.scales.shape[1])
-        layouts.setdefault(layout, []).append((i, unpacked))
-    for (encoding, d, scale_groups), members in layouts.items():
+    for i, exc in _decompress_all(units, limits.zstd_dictionary):
+        out[i] = exc
+    layouts: dict[tuple, list[tuple[int, UnpackedPacket]]] = {}
+    for i, u in units:
+        if out[i] is None:
+            layouts.setdefault((u.encoding, u.d, u.groups, u.scale_dtype), []).append((i, u))
+    for (encoding, d, groups, scale_dtype), members in layouts.items():
         counts = [u.k for _, u in members]
-        scales = None if scale_groups is None else np.concatenate([u.scales for _, u in members])
-        tokens = _to_tokens(encoding, b"".join(u.raw for _, u in members), sum(counts), d, scales)  # (sum K, d)
-        peaks = np.abs(tokens).max(axis=1)  # (sum K,), NaN where a token has one
         starts = np.cumsum([0] + counts[:-1])
+        scales = None
+        if groups:
+            scales = np.frombuffer(b"".join(u.scales for _, u in members), dtype=scale_dtype)
+            scales = scales.astype(np.float32).reshape(sum(counts), groups)  # (sum K, G)
+            if not (scales >= 0).all() or not np.isfinite(scales).all():  # NaN fails the first test
+                bad = np.minimum.reduceat(((scales >= 0) & np.isfinite(scales)).all(axis=1), starts)
+                for (i, _), ok in zip(members, bad.tolist()):
+                    if not ok:
+                        out[i] = InvalidPacket("int8/int4 scales must be finite and non-negative")
+                keep = [m for m, ok in zip(members, bad.tolist()) if ok]
+                if keep:
+                    for i, rows in zip([i for i, _ in keep], decode_batch([u for _, u in keep], limits)):
+                        out[i] = rows
+                continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            tokens = _to_tokens(encoding, b"".join(u.raw for _, u in members), sum(counts), d, scales)  # (sum K, d)
+            peaks = np.abs(tokens).max(axis=1)  # (sum K,), NaN where a token has one
         packet_peaks = np.maximum.reduceat(peaks, starts)  # NaN propagates
         for (i, u), start, peak in zip(members, starts.tolist(), packet_peaks.tolist()):
             rows = tokens[start:start + u.k]
@@ -365,19 +389,27 @@ def decode_batch(packets: "list[pb.TokenPacket]", limits: PacketLimits) -> "list
     return out
 
 
-class _Unpacked:
-    """A validated, decompressed packet before its values are converted."""
+class UnpackedPacket:
+    """A packet whose fields are checked (:func:`unpack_packet`); its payload is decompressed and
+    its values read by :func:`decode_batch`."""
 
-    __slots__ = ("encoding", "k", "d", "raw", "scales", "positions")
+    __slots__ = ("encoding", "k", "d", "compression", "payload", "raw_size", "raw", "scales", "scale_dtype",
+                 "groups", "positions")
 
-    def __init__(self, encoding: int, k: int, d: int, raw: bytes, scales: "np.ndarray | None",
+    def __init__(self, packet: pb.TokenPacket, raw_size: int, scale_dtype: np.dtype, groups: int,
                  positions: list[int]) -> None:
-        self.encoding, self.k, self.d, self.raw, self.scales, self.positions = encoding, k, d, raw, scales, positions
+        self.encoding, self.k, self.d = packet.encoding, packet.num_tokens, packet.dim
+        self.compression, self.payload, self.raw_size = packet.compression, packet.payload, raw_size
+        self.raw: bytes | None = packet.payload if packet.compression == pb.COMPRESSION_NONE else None
+        self.scales = packet.scales  # bytes: K * groups values of scale_dtype (empty without groups)
+        self.scale_dtype, self.groups, self.positions = scale_dtype, groups, positions
 
 
-def _unpack(packet: pb.TokenPacket, limits: PacketLimits) -> _Unpacked:
-    """Every check on a packet's fields, then its payload decompressed and its scales read
-    (float32 (K, G), finite and non-negative; None when the encoding has none); InvalidPacket if bad."""
+def unpack_packet(packet: pb.TokenPacket, limits: PacketLimits) -> UnpackedPacket:
+    """Every check on a packet's own fields (sizes, positions, encodings, the zstd frame's declared
+    size), in plain Python: a few µs, no copy of the payload; InvalidPacket if bad. What is left,
+    decompressing and checking values, :func:`decode_batch` does for a batch at once.
+    """
     k, d = packet.num_tokens, packet.dim
     max_tokens = limits.max_tokens or limits.max_position
     if packet.encoding not in _BITS:
@@ -419,13 +451,19 @@ def _unpack(packet: pb.TokenPacket, limits: PacketLimits) -> _Unpacked:
     expected_scales = k * groups * scale_dtype.itemsize if quantized else 0
     if len(packet.scales) != expected_scales:
         raise InvalidPacket(f"scales must be {expected_scales} bytes, got {len(packet.scales)}")
-    raw = _decompress(packet, raw_size, limits.zstd_dictionary)
-    scales = None
-    if quantized:
-        scales = np.frombuffer(packet.scales, dtype=scale_dtype).astype(np.float32).reshape(k, groups)
-        if not np.isfinite(scales).all() or (scales < 0).any():
-            raise InvalidPacket("int8/int4 scales must be finite and non-negative")
-    return _Unpacked(packet.encoding, k, d, raw, scales, positions)
+    if packet.compression == pb.COMPRESSION_NONE:
+        if len(packet.payload) != raw_size:
+            raise InvalidPacket(f"payload is {len(packet.payload)} bytes, expected {raw_size}")
+    else:
+        if packet.compression == pb.COMPRESSION_ZSTD_DICT and limits.zstd_dictionary is None:
+            raise InvalidPacket("packet uses a zstd dictionary but this model has none")
+        try:
+            declared = zstandard.frame_content_size(packet.payload)
+        except zstandard.ZstdError as exc:
+            raise InvalidPacket(f"payload is not a zstd frame: {exc}") from exc
+        if declared not in (-1, raw_size):
+            raise InvalidPacket(f"zstd frame declares {declared} bytes, expected {raw_size}")
+    return UnpackedPacket(packet, raw_size, scale_dtype, groups, positions)
 
 
 def _to_tokens(encoding: int, raw: bytes, k: int, d: int, scales: "np.ndarray | None") -> np.ndarray:
@@ -451,24 +489,37 @@ def _check_values(tokens: np.ndarray, limit: float, quantized: bool) -> None:
     raise InvalidPacket(f"token values out of range: |x| reaches {peak:.3g}, the limit is {limit:g}")
 
 
-def _decompress(packet: pb.TokenPacket, raw_size: int, dictionary) -> bytes:
-    if packet.compression == pb.COMPRESSION_NONE:
-        if len(packet.payload) != raw_size:
-            raise InvalidPacket(f"payload is {len(packet.payload)} bytes, expected {raw_size}")
-        return packet.payload
-    if packet.compression == pb.COMPRESSION_ZSTD_DICT and dictionary is None:
-        raise InvalidPacket("packet uses a zstd dictionary but this model has none")
-    try:
-        declared = zstandard.frame_content_size(packet.payload)
-    except zstandard.ZstdError as exc:
-        raise InvalidPacket(f"payload is not a zstd frame: {exc}") from exc
-    if declared not in (-1, raw_size):
-        raise InvalidPacket(f"zstd frame declares {declared} bytes, expected {raw_size}")
-    try:
-        decompressor = _cached("d", 0, load_dictionary(dictionary) if packet.compression == pb.COMPRESSION_ZSTD_DICT else None)
-        raw = decompressor.decompress(packet.payload, max_output_size=raw_size)
-    except zstandard.ZstdError as exc:
-        raise InvalidPacket(f"zstd payload does not decompress: {exc}") from exc
-    if len(raw) != raw_size:
-        raise InvalidPacket(f"payload decompressed to {len(raw)} bytes, expected {raw_size}")
-    return raw
+def _decompress_all(units: "list[tuple[int, UnpackedPacket]]", dictionary) -> "list[tuple[int, InvalidPacket]]":
+    """Decompress the zstd payloads of ``units`` in place (``raw``): one call for all the frames of
+    one dictionary (the GIL is released once, not once per packet), each frame into exactly its
+    declared raw size; a batch with a bad frame is redone frame by frame. Returns (index, error)
+    for the packets whose payload does not decompress."""
+    errors = []
+    for kind in (pb.COMPRESSION_ZSTD, pb.COMPRESSION_ZSTD_DICT):
+        group = [(i, u) for i, u in units if u.raw is None and u.compression == kind]
+        if not group:
+            continue
+        decompressor = _cached("d", 0, load_dictionary(dictionary) if kind == pb.COMPRESSION_ZSTD_DICT else None)
+        if len(group) > 1:
+            sizes = np.array([u.raw_size for _, u in group], dtype=np.uint64)
+            try:
+                result = decompressor.multi_decompress_to_buffer([u.payload for _, u in group],
+                                                                 decompressed_sizes=sizes.tobytes())
+                raws = [result[j].tobytes() for j in range(len(group))]
+            except zstandard.ZstdError:
+                raws = None
+            if raws is not None and all(len(r) == u.raw_size for r, (_, u) in zip(raws, group)):
+                for raw, (_, u) in zip(raws, group):
+                    u.raw = raw
+                continue
+        for i, u in group:
+            try:
+                raw = decompressor.decompress(u.payload, max_output_size=u.raw_size)
+            except zstandard.ZstdError as exc:
+                errors.append((i, InvalidPacket(f"zstd payload does not decompress: {exc}")))
+                continue
+            if len(raw) != u.raw_size:
+                errors.append((i, InvalidPacket(f"payload decompressed to {len(raw)} bytes, expected {u.raw_size}")))
+                continue
+            u.raw = raw
+    return errors

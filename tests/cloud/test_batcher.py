@@ -93,6 +93,29 @@ def test_requests_queued_behind_a_busy_model_form_one_batch(tiny_registry, tiny_
     np.testing.assert_allclose(np.stack([p for p, _, _ in results]), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_malformed_packet_is_refused_at_submit_and_the_batch_goes_on(tiny_registry, tiny_manifest) -> None:
+    (model,) = list(tiny_registry)
+    rows, packets = _packets(tiny_manifest, [3, 4])
+    bad = type(packets[0])()
+    bad.CopyFrom(packets[0])
+    bad.positions[:] = list(bad.positions)[::-1]
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = ModelBatcher(model, BatchConfig(max_batch_size=4), pool)
+            batcher.start()
+            with pytest.raises(InvalidPacket, match="strictly increasing"):
+                batcher.submit(bad)  # refused before it is queued: nothing waits on it
+            assert batcher.queue_depth == 0
+            results = await asyncio.gather(*(batcher.submit(p) for p in packets))
+            await batcher.close()
+            return results
+
+    results = asyncio.run(scenario())
+    expected = np.concatenate([run_batch(model, [row])[0] for row in rows])
+    np.testing.assert_allclose(np.stack([p for p, _, _ in results]), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_queue_delay_waits_for_the_batch_to_fill(tiny_registry, tiny_manifest) -> None:
     model, session = _blocked_model(tiny_registry)
     _, packets = _packets(tiny_manifest, [2, 3, 4])

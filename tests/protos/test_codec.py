@@ -228,3 +228,28 @@ def test_decode_batch_agrees_with_decode_tokens_and_fails_only_the_bad_packets()
         assert isinstance(got, np.ndarray)
         np.testing.assert_array_equal(got, expected)
     assert [isinstance(d, InvalidPacket) for d in decoded] == [False, True, False, True, False, True, False, False, False]
+
+
+def test_decode_batch_decompresses_together_and_a_bad_frame_fails_only_itself():
+    import zstandard
+
+    from splitinfer.protos.codec import decode_batch
+
+    packets = [encode_tokens(*_tokens(k=2 + i, seed=i), CodecConfig("int8", "zstd")) for i in range(4)]
+    bomb = pb.TokenPacket()  # a frame without a declared size that expands far beyond uncompressed_size
+    bomb.CopyFrom(packets[1])
+    bomb.payload = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 10_000_000)
+    truncated = pb.TokenPacket()
+    truncated.CopyFrom(packets[2])
+    truncated.payload = truncated.payload[:-3]
+    nan_scale = pb.TokenPacket()
+    nan_scale.CopyFrom(packets[3])
+    nan_scale.scales = np.array([1.0] + [np.nan] * (nan_scale.num_tokens - 1), "<f4").tobytes()
+    batch = [packets[0], bomb, packets[1], truncated, nan_scale, packets[2], packets[3]]
+    decoded = decode_batch(batch, LIMITS)
+    assert [type(d).__name__ for d in decoded] == ["ndarray", "InvalidPacket", "ndarray", "InvalidPacket",
+                                                   "InvalidPacket", "ndarray", "ndarray"]
+    assert "does not decompress" in str(decoded[1]) and "does not decompress" in str(decoded[3])
+    assert "finite and non-negative" in str(decoded[4])
+    for got, packet in zip([decoded[0], decoded[2], decoded[5], decoded[6]], packets):
+        np.testing.assert_array_equal(got, decode_tokens(packet, LIMITS)[0])
