@@ -126,6 +126,59 @@ def collect_sets(checkpoint: Path, sizes: dict, cache: Path) -> dict:
     return out
 
 
+def collect_text(model_dir: Path, split: str):
+    """Outcomes of a text model folder on one BBC News split, with the exported ONNX halves: exit
+    logits, the server half's answer on what the edge sends (its runner's default operating point:
+    selection, codec, dictionary) and the whole model's (server half on every token, fp32)."""
+    from splitinfer.cloud import load_model
+    from splitinfer.edge.runner import EdgeRunner
+    from splitinfer.edge.session import DeviceSession
+    from splitinfer.export.exit_policy import Outcomes
+    from splitinfer.export.text_data import load_bbcnews
+    from splitinfer.protos import decode_tokens, load_manifest
+
+    manifest = load_manifest(model_dir)
+    if manifest.task != "classification":
+        raise SystemExit(f"error: {model_dir} is a {manifest.task} model; exit policies need a classifier")
+    session = DeviceSession.from_manifest(manifest)
+    runner = EdgeRunner(session, None, manifest)
+    server = load_model(model_dir)
+    texts, labels, _ = load_bbcnews(split)
+    exit_logits, server_pred, full_pred = [], [], []
+    for i, text in enumerate(texts):
+        out = session.run(runner.front_end(text))
+        exit_logits.append(out.exit[0])
+        full_pred.append(int(server.run(out.tokens, np.ones(out.tokens.shape[:2], bool))[0].argmax()))
+        packet = runner.build_request(out.tokens[0], out.importance[0], request_id=f"{split}-{i}").packet
+        sent, _positions = decode_tokens(packet, server.packet_limits)  # (K, d)
+        server_pred.append(int(server.run(sent[None], np.ones((1, len(sent)), bool))[0].argmax()))
+    n = len(texts)
+    return Outcomes(np.asarray(labels, np.int64), np.asarray(exit_logits, np.float32), np.asarray(server_pred, np.int64),
+                    np.asarray(full_pred, np.int64), np.zeros((n, 0), np.float32))
+
+
+def text_report(model_dir: Path, resamples: int) -> dict:
+    """The exit-policy table for a BBC News text model: post-hoc policies (max softmax, margin,
+    entropy, temperature fitted on the calibration split), the deployed one chosen on the calibration
+    split, and the oracle, on the test articles (bootstrap over articles)."""
+    from splitinfer.export.exit_policy import fit_temperature, post_hoc_scores
+
+    t0 = time.perf_counter()
+    cal, test = collect_text(model_dir, "calibration"), collect_text(model_dir, "test")
+    temperature = fit_temperature(cal.exit_logits, cal.labels)
+    scores: dict = {}
+    for set_name, outcomes in (("calibration", cal), ("test", test)):
+        for name, value in post_hoc_scores(outcomes.exit_logits, temperature).items():
+            scores.setdefault(name, {})[set_name] = value
+    deployed, selection = select_on_calibration(cal, scores)
+    report = compare((test, np.arange(len(test))), scores, resamples, deployed, model="text")
+    report["selection_on_calibration"] = {"policies": selection, "chosen": deployed}
+    report["setup"] = {"model_dir": str(model_dir), "n_calibration": len(cal), "temperature": temperature,
+                       "bootstrap": {"resamples": resamples, "unit": "test article"},
+                       "seconds": round(time.perf_counter() - t0, 1)}
+    return report
+
+
 def policy_scores(data: dict, args) -> tuple[dict, dict]:
     """{policy: {set name: deferral scores (n,)}} for the calibration and test sets, and head logs."""
     import torch
@@ -162,22 +215,29 @@ def policy_scores(data: dict, args) -> tuple[dict, dict]:
 
 
 def select_on_calibration(cal, scores: dict) -> tuple[str, dict]:
-    """The deployed policy: the fewest offloads on the *calibration* split, averaged over the two
-    target accuracies (an unreachable target counts as offloading everything). The test set plays no part."""
+    """The deployed policy, chosen on the *calibration* split alone: among max softmax and the
+    policies that offload no more than it at any accuracy there (one input of slack), the fewest
+    offloads averaged over the two target accuracies (an unreachable target counts as offloading
+    everything). The test set plays no part."""
     from splitinfer.export.exit_policy import offload_at_accuracy, offload_curve
 
     exit_ok, server_ok = cal.exit_pred == cal.labels, cal.server_pred == cal.labels
     acc_full = float((cal.full_pred == cal.labels).mean())
+    by_set = {name: s["calibration"] for name, s in scores.items()}
     table = {}
-    for name, by_set in scores.items():
-        rate, acc = offload_curve(by_set["calibration"], exit_ok, server_ok)
+    for name, score in by_set.items():
+        rate, acc = offload_curve(score, exit_ok, server_ok)
         at = [offload_at_accuracy(rate, acc, acc_full - d) for d in TARGET_DROPS]
-        table[name] = float(np.mean([1.0 if np.isnan(a) else a for a in at]))
-    return min(table, key=table.get), table
+        excess = 0.0 if name == "max_softmax" else dominance(by_set, name, exit_ok, server_ok)["max_excess_offload_rate"]
+        table[name] = {"mean_offload_rate_at_targets": float(np.mean([1.0 if np.isnan(a) else a for a in at])),
+                       "max_excess_over_max_softmax": excess, "eligible": excess <= 1.0 / len(exit_ok) + 1e-12}
+    eligible = [name for name, row in table.items() if row["eligible"]]
+    return min(eligible, key=lambda name: table[name]["mean_offload_rate_at_targets"]), table
 
 
-def compare(test_set, scores: dict, resamples: int, deployed: str = "deferral_head") -> dict:
-    """Curves, offload rates at the target accuracies and digit-bootstrap intervals on the test set."""
+def compare(test_set, scores: dict, resamples: int, deployed: str = "deferral_head", model: str = "image") -> dict:
+    """Curves, offload rates at the target accuracies and bootstrap intervals on the test set; the
+    bootstrap resamples the units of ``test_set[1]`` (the digit of each canvas; for text, each article)."""
     from splitinfer.export.exit_policy import offload_at_accuracy, offload_curve, oracle_scores
 
     test, digit = test_set
@@ -212,13 +272,14 @@ def compare(test_set, scores: dict, resamples: int, deployed: str = "deferral_he
         r = b["policies"][name]["at"][key]
         return 1.0 if np.isnan(r) else r
 
-    report = {"model": "image", "n_test": len(digit), "accuracy_full_model": point["accuracy_full_model"],
+    report = {"model": model, "n_test": len(digit), "accuracy_full_model": point["accuracy_full_model"],
               "accuracy_exit": float(exit_ok.mean()), "accuracy_offload_all": float(server_ok.mean()),
               "fixable_rate": float((~exit_ok & server_ok).mean()), "breakable_rate": float((exit_ok & ~server_ok).mean()),
-              "image": {}, "curves": {"offload_rate": grid.tolist()}}
+              model: {}, "curves": {"offload_rate": grid.tolist()}}
     for d in TARGET_DROPS:
         key = f"{d:g}"
-        entry = {"target_accuracy": point["accuracy_full_model"] - d}
+        entry = {"target_accuracy": point["accuracy_full_model"] - d,
+                 "exit_head_alone_reaches_target": bool(exit_ok.mean() >= point["accuracy_full_model"] - d)}
         oracle = point["policies"]["oracle"]["at"][key]
         for name in policies:
             rate = point["policies"][name]["at"][key]
@@ -227,11 +288,12 @@ def compare(test_set, scores: dict, resamples: int, deployed: str = "deferral_he
             entry[name] = {"offload_rate": rate, "offload_rate_ci95": interval(boot_rate),
                            "target_reached_share": float(np.mean([not np.isnan(b["policies"][name]["at"][key]) for b in boots]))}
             if name != "oracle":
-                entry[name]["ratio_to_oracle"] = rate / oracle if oracle > 0 else None
+                entry[name]["ratio_to_oracle"] = rate / oracle if oracle > 0 else (1.0 if rate == 0 else None)
                 entry[name]["ratio_to_oracle_ci95"] = interval(boot_ratio)
-                entry[name]["ratio_to_max_softmax"] = rate / point["policies"]["max_softmax"]["at"][key]
+                ms_rate = point["policies"]["max_softmax"]["at"][key]
+                entry[name]["ratio_to_max_softmax"] = rate / ms_rate if ms_rate > 0 else (1.0 if rate == 0 else None)
         entry["learned"] = {**entry[deployed], "policy": deployed}
-        report["image"][f"accuracy_full_model-{key}"] = entry
+        report[model][f"accuracy_full_model-{key}"] = entry
     for name in policies:
         curves = np.array([b["policies"][name]["curve"] for b in boots])
         report["curves"][name] = {"accuracy_minus_full_model": point["policies"][name]["curve"].tolist(),
@@ -279,12 +341,13 @@ def deploy(cal, test, scores: dict, epsilon: float = 0.005, delta: float = 0.1, 
     return out
 
 
-def print_table(report: dict) -> None:
-    print(f"\n{report['n_test']} test canvases: whole model {report['accuracy_full_model']:.4f}, exit head "
+def print_table(report: dict, model: str = "image") -> None:
+    unit = "test canvases" if model == "image" else "test articles"
+    print(f"\n{model}: {report['n_test']} {unit}: whole model {report['accuracy_full_model']:.4f}, exit head "
           f"{report['accuracy_exit']:.4f}, offload-all {report['accuracy_offload_all']:.4f}, fixable "
           f"{report['fixable_rate']:.4f}")
     names = [k for k in report["curves"] if k != "offload_rate"] + ["learned"]
-    for key, entry in report["image"].items():
+    for key, entry in report[model].items():
         print(f"\nat {key} = {entry['target_accuracy']:.4f}:")
         print(f"  {'policy':22s} {'offload':>8s} {'95% CI':>17s} {'x oracle':>9s} {'95% CI':>15s} {'x max softmax':>14s}")
         for name in names:
@@ -300,7 +363,7 @@ def print_table(report: dict) -> None:
         print(f"{name} vs max softmax over {dom['accuracies']} test accuracies: offloads no more at "
               f"{dom['share_learned_not_more']:.3f} of them; worst excess {dom['max_excess_offload_rate']:.4f} at "
               f"{dom['at_accuracy']:.4f}")
-    for dep in report["deployed"]:
+    for dep in report.get("deployed", []):
         print(f"\ndeployed by Learn-then-Test (epsilon {dep['epsilon']}, delta {dep['delta']}, n {dep['n_calibration']}):")
         for name in names:
             if name in dep and name != "learned":
@@ -361,6 +424,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=ROOT / "artifacts" / "exit_policy")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--collect-only", action="store_true", help="stop after collecting the outcomes")
+    parser.add_argument("--text-model", type=Path, default=None,
+                        help="a BBC News text model folder (splitinfer-export --model minilm --data bbcnews): "
+                             "its table too, under 'text'")
+    parser.add_argument("--text-only", action="store_true",
+                        help="with --text-model: only the text table, written into the existing JSON (its image part kept)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sizes = {"train": args.train, "valid": args.valid, "calibration": args.calibration, "test": args.test}
@@ -370,28 +438,43 @@ def main(argv=None) -> int:
         if n < 100:
             print(f"error: --{name} must be >= 100, got {n}", file=sys.stderr)
             return 2
-    data = collect_sets(args.checkpoint, sizes, args.cache)
-    if args.collect_only:
-        return 0
-    t0 = time.perf_counter()
-    scores, heads = policy_scores(data, args)
-    deployed, selection = select_on_calibration(data["calibration"][0], scores)
-    report = compare(data["test"], scores, args.bootstrap, deployed)
-    report["selection_on_calibration"] = {"mean_offload_rate_at_targets": selection, "chosen": deployed}
-    report["deployed"] = [deploy(data["calibration"][0], data["test"][0], scores, epsilon) for epsilon in (0.005, 0.01)]
-    report["setup"] = {
-        "checkpoint": str(args.checkpoint.relative_to(ROOT) if args.checkpoint.is_relative_to(ROOT) else args.checkpoint),
-        "sets": {name: {"canvases": n, "digits": int(len(np.unique(data[name][1]))), "clutter_seed": SEEDS[name]}
-                 for name, n in sizes.items()},
-        "offload": {"mass": 0.8, "budget": 8, "encoding": "int4", "scale_dtype": "fp16", "bottleneck": None},
-        "bootstrap": {"resamples": args.bootstrap, "unit": "test digit"},
-        "heads": heads, "seconds": round(time.perf_counter() - t0, 1),
-        "command": "python benchmarks/exit_policy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    if args.text_only:
+        if args.text_model is None:
+            print("error: --text-only needs --text-model", file=sys.stderr)
+            return 2
+        path = args.out / "exit_policy.json"
+        report = json.loads(path.read_text()) if path.is_file() else {}
+    else:
+        data = collect_sets(args.checkpoint, sizes, args.cache)
+        if args.collect_only:
+            return 0
+        t0 = time.perf_counter()
+        scores, heads = policy_scores(data, args)
+        deployed, selection = select_on_calibration(data["calibration"][0], scores)
+        report = compare(data["test"], scores, args.bootstrap, deployed)
+        report["selection_on_calibration"] = {"policies": selection, "chosen": deployed}
+        report["deployed"] = [deploy(data["calibration"][0], data["test"][0], scores, epsilon) for epsilon in (0.005, 0.01)]
+        report["setup"] = {
+            "checkpoint": str(args.checkpoint.relative_to(ROOT) if args.checkpoint.is_relative_to(ROOT) else args.checkpoint),
+            "sets": {name: {"canvases": n, "digits": int(len(np.unique(data[name][1]))), "clutter_seed": SEEDS[name]}
+                     for name, n in sizes.items()},
+            "offload": {"mass": 0.8, "budget": 8, "encoding": "int4", "scale_dtype": "fp16", "bottleneck": None},
+            "bootstrap": {"resamples": args.bootstrap, "unit": "test digit"},
+            "heads": heads, "seconds": round(time.perf_counter() - t0, 1),
+            "command": "python benchmarks/exit_policy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+    if args.text_model is not None:
+        text = text_report(args.text_model, args.bootstrap)
+        text["setup"]["command"] = "python benchmarks/exit_policy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        report["text"] = text.pop("text")
+        report["text_details"] = text
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "exit_policy.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, args.out / "exit_policy.png")
-    print_table(report)
+    if not args.text_only:
+        plot(report, args.out / "exit_policy.png")
+        print_table(report)
+    if args.text_model is not None:
+        print_table({**report["text_details"], "text": report["text"]}, "text")
     return 0
 
 
