@@ -271,8 +271,16 @@ class ModelBatcher:
             if batch:
                 self._prepare(batch)
         while self._ready and self._workers < self.config.instances:
+            try:
+                running = self._loop.run_in_executor(self._executor, self._drain)
+            except RuntimeError as exc:  # the executor was shut down: nothing will compute these
+                while self._ready:
+                    prepared = self._ready.popleft()
+                    self.computing -= len(prepared.batch)
+                    self._fail(prepared.batch, Overloaded(f"model {self.model.name!r}: the server is stopping ({exc})"))
+                break
             self._workers += 1
-            self._loop.run_in_executor(self._executor, self._drain).add_done_callback(self._worker_done)
+            running.add_done_callback(self._worker_done)
         if not (self._queue or self._ready or self._workers):
             self._idle.set()
 

@@ -188,3 +188,22 @@ def test_a_full_queue_is_overloaded_and_recovers(tiny_registry, tiny_manifest) -
                 batcher.submit(rows[0])
 
     asyncio.run(scenario())
+
+
+def test_a_stopped_executor_fails_requests_instead_of_hanging(tiny_registry, tiny_manifest) -> None:
+    (model,) = list(tiny_registry)
+    _rows_, packets = _packets(tiny_manifest, [3, 4])
+
+    async def scenario():
+        pool = ThreadPoolExecutor(1)
+        pool.shutdown()
+        batcher = ModelBatcher(model, BatchConfig(max_batch_size=4), pool)
+        batcher.start()
+        futures = [batcher.submit(p) for p in packets]
+        outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 5)
+        await asyncio.wait_for(batcher.close(), 5)
+        return outcomes, batcher.in_flight
+
+    outcomes, in_flight = asyncio.run(scenario())
+    assert all(isinstance(o, Overloaded) and "stopping" in str(o) for o in outcomes)
+    assert in_flight == 0
