@@ -384,10 +384,11 @@ def plot(report: dict, path: Path) -> None:
     x = np.asarray(curves["offload_rate"])
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     styles = {"oracle": ("k", "-"), "max_softmax": ("tab:red", "-"), report["deployed_policy"]: ("tab:blue", "-")}
+    others = iter(["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"])
     for name, c in curves.items():
         if name == "offload_rate":
             continue
-        color, ls = styles.get(name, (None, "--"))
+        color, ls = styles[name] if name in styles else (next(others, None), "--")
         lw = 2.0 if name in styles else 1.0
         label = f"{name} (deployed)" if name == report["deployed_policy"] else name
         line, = ax.plot(100 * x, 100 * np.asarray(c["accuracy_minus_full_model"]), color=color, ls=ls, lw=lw, label=label)
