@@ -11,8 +11,9 @@ One stream::
                       timeout_ms passed first -> error DEADLINE_EXCEEDED (dropped before compute if queued)
     writer (the handler)  yields answers in the order they are ready
 
-No task per request: each request is a batcher future with a done-callback, so a stream costs
-little more than the batch it feeds. The call itself ends with a status only for what concerns
+No task and no timer per request: each request is a batcher future with a done-callback, and one
+timer per stream fires at the earliest deadline of its open requests, so a stream costs little
+more than the batch it feeds. The call itself ends with a status only for what concerns
 the whole stream (a message that is not a StreamRequest: INVALID_ARGUMENT; authentication is
 checked before the handler runs; the call's own deadline or the client cancelling).
 """
@@ -65,14 +66,14 @@ def parse_stream_request(data: bytes) -> "pb.StreamRequest | UndecodableStreamRe
 class _Request:
     """One request of a stream between reading it and answering it."""
 
-    __slots__ = ("message", "received_at", "model", "future", "timer", "answered")
+    __slots__ = ("message", "received_at", "model", "future", "deadline", "answered")
 
     def __init__(self, message: pb.StreamRequest, received_at: float) -> None:
         self.message = message
         self.received_at = received_at
         self.model = None
         self.future: asyncio.Future | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # loop.time() after which it is answered DEADLINE_EXCEEDED
         self.answered = False
 
 
@@ -91,6 +92,8 @@ class _Stream:
         self._answer_waiter: asyncio.Future | None = None  # the writer, waiting for an answer
         self._room_waiter: asyncio.Future | None = None  # the reader, waiting for the window or the last answer
         self._open: set[_Request] = set()
+        self._sweep: asyncio.TimerHandle | None = None  # expires the open requests whose deadline passed
+        self._sweep_at = 0.0
         self._loop = asyncio.get_running_loop()
 
     async def read(self, messages) -> None:
@@ -144,7 +147,29 @@ class _Stream:
         self._open.add(entry)
         entry.future.add_done_callback(lambda future, entry=entry: self._finish(entry, future))
         if remaining is not None:
-            entry.timer = self._loop.call_later(max(0.0, remaining), self._expire, entry)
+            entry.deadline = self._loop.time() + max(0.0, remaining)
+            if self._sweep is None or entry.deadline < self._sweep_at:
+                self._schedule_sweep(entry.deadline)
+
+    def _schedule_sweep(self, at: float) -> None:
+        """One timer per stream, at the earliest deadline of its open requests (not one per request)."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep, self._sweep_at = self._loop.call_at(at, self._sweep_deadlines), at
+
+    def _sweep_deadlines(self) -> None:
+        self._sweep = None
+        now = self._loop.time()
+        earliest = None
+        for entry in list(self._open):
+            if entry.deadline is None:
+                continue
+            if entry.deadline <= now:
+                self._expire(entry)
+            elif earliest is None or entry.deadline < earliest:
+                earliest = entry.deadline
+        if earliest is not None:
+            self._schedule_sweep(earliest)
 
     def _finish(self, entry: _Request, future: asyncio.Future) -> None:
         if entry.answered:
@@ -196,8 +221,6 @@ class _Stream:
 
     def _done(self, entry: _Request) -> None:
         entry.answered = True
-        if entry.timer is not None:
-            entry.timer.cancel()
         self._open.discard(entry)
         self._window += 1
         waiter = self._room_waiter
@@ -205,10 +228,11 @@ class _Stream:
             waiter.set_result(None)
 
     def cancel(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for entry in list(self._open):
             entry.answered = True
-            if entry.timer is not None:
-                entry.timer.cancel()
             if entry.future is not None:
                 entry.future.cancel()
         self._open.clear()

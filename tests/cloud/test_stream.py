@@ -80,6 +80,31 @@ def _serve(registry, port: int = 0, **settings):
     return server, port
 
 
+def test_a_later_message_with_a_shorter_deadline_expires_first(blocking_registry, make_request) -> None:
+    registry, session = blocking_registry
+    server, port = _serve(registry)
+    session.block.set()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = splitinfer_pb2_grpc.SplitInferenceStub(channel)
+            messages = [pb.StreamRequest(request=make_request(seed=0), timeout_ms=20_000),
+                        pb.StreamRequest(request=make_request(seed=1), timeout_ms=20_000),
+                        pb.StreamRequest(request=make_request(seed=2), timeout_ms=150)]
+            started = time.monotonic()
+            call = stub.InferStream(iter(messages), timeout=30)
+            first = next(call)  # req-0 holds the model; req-2's 150 ms pass long before the others' 20 s
+            waited = time.monotonic() - started
+            assert first.request_id == "req-2" and CODE[first.error.code] == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert waited < 5.0, waited
+            session.release.set()
+            session.block.clear()
+            rest = list(call)
+        assert sorted(a.request_id for a in rest) == ["req-0", "req-1"] and all(a.HasField("response") for a in rest)
+    finally:
+        session.release.set()
+        server.stop(0).wait(5)
+
+
 def test_per_message_deadline_and_back_pressure(blocking_registry, make_request) -> None:
     registry, session = blocking_registry
     server, port = _serve(registry)
