@@ -357,22 +357,16 @@ def decode_batch(packets: "list[pb.TokenPacket | UnpackedPacket]",
         if out[i] is None:
             layouts.setdefault((u.encoding, u.d, u.groups, u.scale_dtype), []).append((i, u))
     for (encoding, d, groups, scale_dtype), members in layouts.items():
-        counts = [u.k for _, u in members]
-        starts = np.cumsum([0] + counts[:-1])
-        scales = None
-        if groups:
-            scales = np.frombuffer(b"".join(u.scales for _, u in members), dtype=scale_dtype)
-            scales = scales.astype(np.float32).reshape(sum(counts), groups)  # (sum K, G)
-            if not (scales >= 0).all() or not np.isfinite(scales).all():  # NaN fails the first test
-                bad = np.minimum.reduceat(((scales >= 0) & np.isfinite(scales)).all(axis=1), starts)
-                for (i, _), ok in zip(members, bad.tolist()):
-                    if not ok:
-                        out[i] = InvalidPacket("int8/int4 scales must be finite and non-negative")
-                keep = [m for m, ok in zip(members, bad.tolist()) if ok]
-                if keep:
-                    for i, rows in zip([i for i, _ in keep], decode_batch([u for _, u in keep], limits)):
-                        out[i] = rows
+        counts, starts, scales = _layout_arrays(members, groups, scale_dtype)
+        if scales is not None and (not (scales >= 0).all() or not np.isfinite(scales).all()):  # NaN fails the first
+            ok = np.minimum.reduceat(((scales >= 0) & np.isfinite(scales)).all(axis=1), starts).tolist()
+            for (i, _), good in zip(members, ok):
+                if not good:
+                    out[i] = InvalidPacket("int8/int4 scales must be finite and non-negative")
+            members = [member for member, good in zip(members, ok) if good]
+            if not members:
                 continue
+            counts, starts, scales = _layout_arrays(members, groups, scale_dtype)
         with np.errstate(over="ignore", invalid="ignore"):
             tokens = _to_tokens(encoding, b"".join(u.raw for _, u in members), sum(counts), d, scales)  # (sum K, d)
             peaks = np.abs(tokens).max(axis=1)  # (sum K,), NaN where a token has one
@@ -387,6 +381,17 @@ def decode_batch(packets: "list[pb.TokenPacket | UnpackedPacket]",
                     continue
             out[i] = rows
     return out
+
+
+def _layout_arrays(members: "list[tuple[int, UnpackedPacket]]", groups: int, scale_dtype: np.dtype):
+    """Packets of one layout -> (token counts, each packet's first row (B,), scales float32 (sum K, G)
+    or None without groups)."""
+    counts = [u.k for _, u in members]
+    starts = np.cumsum([0] + counts[:-1])
+    if not groups:
+        return counts, starts, None
+    scales = np.frombuffer(b"".join(u.scales for _, u in members), dtype=scale_dtype)
+    return counts, starts, scales.astype(np.float32).reshape(sum(counts), groups)
 
 
 class UnpackedPacket:
