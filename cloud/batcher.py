@@ -113,10 +113,9 @@ def run_batch(model: ServerHalf, rows: Sequence[np.ndarray], padding: str = "pad
     return probabilities, (time.perf_counter() - start) * 1e3
 
 
-def decode_and_run(model: ServerHalf, packets: Sequence[pb.TokenPacket | UnpackedPacket],
+def decode_and_run(model: ServerHalf, packets: Sequence[pb.TokenPacket],
                    padding: str = "pad") -> tuple[list[np.ndarray | SplitInferError], float, float]:
-    """Decode B token packets (or packets unpacked on arrival) and run the valid ones as one batch
-    (on a worker thread, off the event loop).
+    """Decode B token packets and run the valid ones as one batch (on a worker thread, off the event loop).
 
     Returns (one entry per packet: probabilities float32 (C,) or the InvalidPacket it raised,
     decode ms of the whole batch, compute ms of the whole batch).
@@ -309,18 +308,17 @@ class ModelBatcher:
     def _prepare(self, batch: list[_Pending]) -> None:
         """Check the batch's values and pad it; a packet whose values are invalid fails its own request."""
         start = time.perf_counter()
-        decoded = decode_batch([p.packet for p in batch], self.model.packet_limits)
-        valid = []
-        for pending, outcome in zip(batch, decoded):
+        kept, rows = [], []
+        for pending, outcome in zip(batch, decode_batch([p.packet for p in batch], self.model.packet_limits)):
             if isinstance(outcome, SplitInferError):
                 pending.future.set_exception(outcome)
             else:
-                valid.append((pending, outcome))
-        if not valid:
+                kept.append(pending)
+                rows.append(outcome)  # (K, d)
+        if not kept:
             return
-        kept = [pending for pending, _ in valid]
         try:
-            groups = padded_groups([rows for _, rows in valid], self.config.padding)
+            groups = padded_groups(rows, self.config.padding)
         except Exception as exc:
             self._fail(kept, exc)
             return

@@ -63,6 +63,12 @@ def parse_stream_request(data: bytes) -> "pb.StreamRequest | UndecodableStreamRe
                                         f"({len(data)} bytes): {type(exc).__name__}: {exc}")
 
 
+def _wake(waiter: "asyncio.Future | None") -> None:
+    """Resume the side waiting on ``waiter`` (the reader or the writer), if it still waits."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 class _Request:
     """One request of a stream between reading it and answering it."""
 
@@ -119,9 +125,7 @@ class _Stream:
     def _put(self, item) -> None:
         """An answer (or _END, or a stream-level error) for the writer."""
         self._answers.append(item)
-        waiter = self._answer_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _wake(self._answer_waiter)
 
     def _start(self, message: pb.StreamRequest) -> None:
         now = time.perf_counter()
@@ -223,9 +227,7 @@ class _Stream:
         entry.answered = True
         self._open.discard(entry)
         self._window += 1
-        waiter = self._room_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        _wake(self._room_waiter)
 
     def cancel(self) -> None:
         if self._sweep is not None:
