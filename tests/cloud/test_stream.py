@@ -2,6 +2,7 @@
 back-pressure; GrpcTransport over it, and its fallback to unary calls against a server without it."""
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent import futures
 
@@ -80,60 +81,58 @@ def _serve(registry, port: int = 0, **settings):
     return server, port
 
 
-def test_a_later_message_with_a_shorter_deadline_expires_first(blocking_registry, make_request) -> None:
+@contextlib.contextmanager
+def _held_model(blocking_registry):
+    """A server whose model holds its first batch until ``session.release`` is set: (server, stub, session)."""
     registry, session = blocking_registry
     server, port = _serve(registry)
     session.block.set()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = splitinfer_pb2_grpc.SplitInferenceStub(channel)
-            messages = [pb.StreamRequest(request=make_request(seed=0), timeout_ms=20_000),
-                        pb.StreamRequest(request=make_request(seed=1), timeout_ms=20_000),
-                        pb.StreamRequest(request=make_request(seed=2), timeout_ms=150)]
-            started = time.monotonic()
-            call = stub.InferStream(iter(messages), timeout=30)
-            first = next(call)  # req-0 holds the model; req-2's 150 ms pass long before the others' 20 s
-            waited = time.monotonic() - started
-            assert first.request_id == "req-2" and CODE[first.error.code] == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert waited < 5.0, waited
-            session.release.set()
-            session.block.clear()
-            rest = list(call)
-        assert sorted(a.request_id for a in rest) == ["req-0", "req-1"] and all(a.HasField("response") for a in rest)
+            yield server, splitinfer_pb2_grpc.SplitInferenceStub(channel), session
     finally:
         session.release.set()
         server.stop(0).wait(5)
+
+
+def test_a_later_message_with_a_shorter_deadline_expires_first(blocking_registry, make_request) -> None:
+    with _held_model(blocking_registry) as (_server, stub, session):
+        messages = [pb.StreamRequest(request=make_request(seed=0), timeout_ms=20_000),
+                    pb.StreamRequest(request=make_request(seed=1), timeout_ms=20_000),
+                    pb.StreamRequest(request=make_request(seed=2), timeout_ms=150)]
+        started = time.monotonic()
+        call = stub.InferStream(iter(messages), timeout=30)
+        first = next(call)  # req-0 holds the model; req-2's 150 ms pass long before the others' 20 s
+        waited = time.monotonic() - started
+        assert first.request_id == "req-2" and CODE[first.error.code] == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert waited < 5.0, waited
+        session.release.set()
+        session.block.clear()
+        rest = list(call)
+    assert sorted(a.request_id for a in rest) == ["req-0", "req-1"] and all(a.HasField("response") for a in rest)
 
 
 def test_per_message_deadline_and_back_pressure(blocking_registry, make_request) -> None:
-    registry, session = blocking_registry
-    server, port = _serve(registry)
-    session.block.set()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = splitinfer_pb2_grpc.SplitInferenceStub(channel)
-            total = DEFAULT_STREAM_WINDOW + 40
+    with _held_model(blocking_registry) as (server, stub, session):
+        total = DEFAULT_STREAM_WINDOW + 40
 
-            def messages():
-                yield pb.StreamRequest(request=make_request(seed=0), timeout_ms=100)
-                for i in range(1, total):
-                    yield pb.StreamRequest(request=make_request(seed=i), timeout_ms=20_000)
+        def messages():
+            yield pb.StreamRequest(request=make_request(seed=0), timeout_ms=100)
+            for i in range(1, total):
+                yield pb.StreamRequest(request=make_request(seed=i), timeout_ms=20_000)
 
-            call = stub.InferStream(messages(), timeout=30)
-            first = next(call)  # the held batch outlives 100 ms: answered DEADLINE_EXCEEDED, stream open
-            assert first.request_id == "req-0" and CODE[first.error.code] == grpc.StatusCode.DEADLINE_EXCEEDED
-            time.sleep(0.3)
-            in_flight = server._inner.router.in_flight
-            # the server read up to its window and stopped (+1: the expired request is still in the held batch)
-            assert DEFAULT_STREAM_WINDOW <= in_flight <= DEFAULT_STREAM_WINDOW + 1, in_flight
-            session.release.set()
-            session.block.clear()
-            rest = list(call)
-        assert sorted(a.request_id for a in rest) == sorted(f"req-{i}" for i in range(1, total))
-        assert all(a.HasField("response") for a in rest)
-    finally:
+        call = stub.InferStream(messages(), timeout=30)
+        first = next(call)  # the held batch outlives 100 ms: answered DEADLINE_EXCEEDED, stream open
+        assert first.request_id == "req-0" and CODE[first.error.code] == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.3)
+        in_flight = server._inner.router.in_flight
+        # the server read up to its window and stopped (+1: the expired request is still in the held batch)
+        assert DEFAULT_STREAM_WINDOW <= in_flight <= DEFAULT_STREAM_WINDOW + 1, in_flight
         session.release.set()
-        server.stop(0).wait(5)
+        session.block.clear()
+        rest = list(call)
+    assert sorted(a.request_id for a in rest) == sorted(f"req-{i}" for i in range(1, total))
+    assert all(a.HasField("response") for a in rest)
 
 
 def test_a_stream_without_the_token_is_unauthenticated(tiny_registry, make_request) -> None:
