@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 log = logging.getLogger("exit_policy")
 
 TARGET_DROPS = (0.005, 0.002)
@@ -129,32 +130,32 @@ def collect_sets(checkpoint: Path, sizes: dict, cache: Path) -> dict:
 def collect_text(model_dir: Path, split: str):
     """Outcomes of a text model folder on one BBC News split, with the exported ONNX halves: exit
     logits, the server half's answer on what the edge sends (its runner's default operating point:
-    selection, codec, dictionary) and the whole model's (server half on every token, fp32)."""
-    from splitinfer.cloud import load_model
+    selection, codec, dictionary; budget_controller.offload_outcomes) and the whole model's (server
+    half on every token, fp32)."""
+    from budget_controller import load_sessions, offload_outcomes
+
     from splitinfer.edge.runner import EdgeRunner
-    from splitinfer.edge.session import DeviceSession
     from splitinfer.export.exit_policy import Outcomes
     from splitinfer.export.text_data import load_bbcnews
-    from splitinfer.protos import decode_tokens, load_manifest
+    from splitinfer.protos import graphs, load_manifest
 
     manifest = load_manifest(model_dir)
     if manifest.task != "classification":
         raise SystemExit(f"error: {model_dir} is a {manifest.task} model; exit policies need a classifier")
-    session = DeviceSession.from_manifest(manifest)
+    session, server = load_sessions(manifest)
     runner = EdgeRunner(session, None, manifest)
-    server = load_model(model_dir)
     texts, labels, _ = load_bbcnews(split)
-    exit_logits, server_pred, full_pred = [], [], []
-    for i, text in enumerate(texts):
+    exit_logits, tokens, importance, full_pred = [], [], [], []
+    for text in texts:  # one article at a time: each has its own token count
         out = session.run(runner.front_end(text))
         exit_logits.append(out.exit[0])
-        full_pred.append(int(server.run(out.tokens, np.ones(out.tokens.shape[:2], bool))[0].argmax()))
-        packet = runner.build_request(out.tokens[0], out.importance[0], request_id=f"{split}-{i}").packet
-        sent, _positions = decode_tokens(packet, server.packet_limits)  # (K, d)
-        server_pred.append(int(server.run(sent[None], np.ones((1, len(sent)), bool))[0].argmax()))
-    n = len(texts)
-    return Outcomes(np.asarray(labels, np.int64), np.asarray(exit_logits, np.float32), np.asarray(server_pred, np.int64),
-                    np.asarray(full_pred, np.int64), np.zeros((n, 0), np.float32))
+        tokens.append(out.tokens[0])
+        importance.append(out.importance[0])
+        logits = server.run(None, {graphs.TOKENS: out.tokens, graphs.MASK: np.ones(out.tokens.shape[:2], bool)})[0]
+        full_pred.append(int(logits[0].argmax()))
+    server_pred, _nbytes, _ntokens = offload_outcomes(runner, server, tokens, importance, None)
+    return Outcomes(np.asarray(labels, np.int64), np.asarray(exit_logits, np.float32), server_pred,
+                    np.asarray(full_pred, np.int64), np.zeros((len(texts), 0), np.float32))
 
 
 def text_report(model_dir: Path, resamples: int) -> dict:

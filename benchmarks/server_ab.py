@@ -16,9 +16,8 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,18 +66,16 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
         new = sl.ServerProcess(args.model_dir, *common)
         try:
+            # server_load.compare: one slice per round, the two servers in alternating order (AB, then BA)
+            settings = argparse.Namespace(window_s=args.window_s, slices=1, warmup_s=0.1, timeout_ms=1000.0)
             for kind in wanted:
-                rps = {"base": [], "this": []}
                 for server in (base, new):
                     gen.run(server.target, args.clients, kinds[kind], 0.5, 0.1, 1.0)  # warm-up
-                for r in range(args.rounds):
-                    order = [("base", base), ("this", new)] if r % 2 == 0 else [("this", new), ("base", base)]
-                    for name, server in order:
-                        _latencies, codes = gen.run(server.target, args.clients, kinds[kind], args.window_s, 0.1, 1.0)
-                        rps[name].append(codes.get("OK", 0) / args.window_s)
-                ratio = np.median(np.asarray(rps["this"]) / np.maximum(np.asarray(rps["base"]), 1e-9))
-                print(f"{kind} at {args.clients} clients: base {np.median(rps['base']):.0f} req/s, this tree "
-                      f"{np.median(rps['this']):.0f} req/s, ratio {ratio:.3f} (median of {args.rounds} rounds)", flush=True)
+                result = sl.compare(gen, {"this": new, "base": base}, {"this": kinds[kind], "base": kinds[kind]},
+                                    args.clients, args.rounds, settings, time.monotonic() + 3600)
+                print(f"{kind} at {args.clients} clients: base {result['base']['requests_per_s']:.0f} req/s, this tree "
+                      f"{result['this']['requests_per_s']:.0f} req/s, ratio {result['ratio']['requests_per_s']:.3f} "
+                      f"(median of {args.rounds} rounds)", flush=True)
         finally:
             base.stop()
             new.stop()
