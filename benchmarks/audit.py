@@ -1,24 +1,29 @@
 """The field audit on a shifted stream and on in-distribution inputs, with the built-in model.
 
     .venv/bin/python benchmarks/audit.py [--model artifacts/model] [--in-distribution 10000]
-        [--before 2000] [--shifted 4000] [--after 2000] [--seeds 20]
+        [--before 2000] [--shifted 6000] [--after 2000] [--seeds 20] [--shift contrast_40]
 
 1. Per input, once, in ONNX Runtime (benchmarks/budget_controller.py's passes): the device half's
    exit probabilities, the server half's answer on what the edge would send at the manifest's
    default point (the runner's own selection and codec, decoded as the server would), the request
    bytes, and the whole model's answer (the server half on every token).
 2. Inputs: the calibration split (``make_split("calibration")``, as export measured it); >= 10,000
-   test canvases with fresh clutter; a shifted stream: test canvases, then shifted ones (``--shift``,
-   default ``contrast``: the test canvases at half contrast, a dimmer camera), then test canvases
-   again. Every shift in SHIFTS is surveyed first on ``--survey`` canvases: exit head, whole model,
-   offloading everything, the split system, and the disagreement rate among device answers.
+   test canvases with fresh clutter; a shifted stream: ``--before`` test canvases, then ``--shifted``
+   shifted ones (``--shift``, default ``contrast_40``: the test canvases at 40% contrast, a dimmer
+   camera) to its end: the checks run on it. The same stream followed by ``--after`` test canvases
+   again shows the recovery. Every shift in SHIFTS is surveyed first on ``--survey`` canvases: exit
+   head, whole model, offloading everything, the split system, and the disagreement rate among device
+   answers.
 3. p0, the calibrated disagreement rate: the share of the calibration inputs answered on the device
    whose server answer differs, as ``calibration.disagreement`` would carry it, turned into an upper
    bound by edge/audit.py ``calibrated_disagreement`` (the bound from the operating-point table alone,
-   for a manifest without it, is reported and run too).
+   for a manifest without it, is reported and run too); r0, the calibrated offload rate of the
+   label-free test, the same way (``calibrated_offload_rate``).
+   Every stream's inputs come in random order (canvas i of a set shows digit i % 1000).
 4. Replay: every stream through :func:`splitinfer.edge.audit.route` and ``settle`` -- the code
-   EdgeRunner.decide runs per input -- with the audit on (``--seeds`` audit seeds), off, and
-   offloading everything.
+   EdgeRunner.decide runs per input -- with the audit on (``--seeds`` audit seeds; in distribution each
+   seed in its own input order), with its
+   disagreement test alone (no label-free test), off, and offloading everything.
 
 Writes ``benchmarks/results/audit.json`` and ``audit.png``.
 """
@@ -84,8 +89,32 @@ def half_contrast(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return (x // 2).astype(np.uint8), y
 
 
+def contrast_40(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    x, y = test_canvases(n, seed)
+    return (x * 0.4).astype(np.uint8), y
+
+
+def salt_10(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """10% of the pixels white (a dusty lens, a noisy sensor)."""
+    x, y = test_canvases(n, seed)
+    x = x.copy()
+    x[np.random.default_rng(seed).random(x.shape) < 0.1] = 255
+    return x, y
+
+
+def blurred(n: int, seed: int, radius: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian blur (an out-of-focus camera)."""
+    from PIL import Image, ImageFilter
+
+    x, y = test_canvases(n, seed)
+    return np.stack([np.asarray(Image.fromarray(c).filter(ImageFilter.GaussianBlur(radius))) for c in x]), y
+
+
 SHIFTS = {  # name -> (n, seed) -> uint8 canvases (n, 64, 64), labels (n,)
+    "contrast_40": contrast_40,
     "contrast": half_contrast,
+    "blur_0.7": blurred,
+    "salt_10": salt_10,
     "sklearn_digits": sklearn_canvases,
     "rotation_30": rotated,
     "dense_clutter_20": lambda n, seed: test_canvases(n, seed, fragments=20),
@@ -127,17 +156,21 @@ def replay(o: dict, threshold: float, audit) -> dict:
     n = len(o["confidence"])
     answer = np.empty(n, dtype=np.int64)
     offloaded, audited, alarm = (np.zeros(n, dtype=bool) for _ in range(3))
+    first_tests = None
     for i in range(n):
         decision = route(float(o["confidence"][i]), threshold, audit)
         answer[i] = settle(decision, audit, o["device"][i], o["server"][i]) if decision.offload else o["device"][i]
         offloaded[i], audited[i] = decision.offload, decision.audit
         alarm[i] = audit is not None and audit.alarm
-    return {"answer": answer, "offloaded": offloaded, "audited": audited, "alarm": alarm}
+        if alarm[i] and first_tests is None:
+            first_tests = list(audit.drift_tests)
+    return {"answer": answer, "offloaded": offloaded, "audited": audited, "alarm": alarm, "first_tests": first_tests}
 
 
-def measured_p0(manifest, cal: dict, labels: np.ndarray, alpha: float) -> tuple[float, float, dict]:
-    """(p0 from the measured disagreement, p0 from the table alone, the calibration figures)."""
-    from splitinfer.edge.audit import calibrated_disagreement
+def measured_p0(manifest, cal: dict, labels: np.ndarray, alpha: float) -> tuple[float, float, float, dict]:
+    """(p0 from the measured disagreement, p0 from the table alone, r0 (the label-free test's
+    calibrated offload rate), the calibration figures)."""
+    from splitinfer.edge.audit import calibrated_disagreement, calibrated_offload_rate
 
     answered = cal["confidence"] >= manifest.exit_threshold
     rate = float((cal["device"][answered] != cal["server"][answered]).mean())
@@ -149,16 +182,19 @@ def measured_p0(manifest, cal: dict, labels: np.ndarray, alpha: float) -> tuple[
                "answered": int(answered.sum()),
                "exit_head_accuracy": float((cal["device"] == labels).mean()),
                "whole_model_accuracy": float((cal["whole"] == labels).mean())}
-    return with_field, calibrated_disagreement(manifest, delta=alpha), figures
+    figures["offload_rate_bound"] = calibrated_offload_rate(dataclasses.replace(manifest, calibration=calibration),
+                                                            delta=alpha)
+    return with_field, calibrated_disagreement(manifest, delta=alpha), figures["offload_rate_bound"], figures
 
 
 def accuracy(answer: np.ndarray, labels: np.ndarray) -> float:
     return float((answer == labels).mean()) if len(labels) else float("nan")
 
 
-def run_stream(o: dict, labels: np.ndarray, threshold: float, p0: float, args, shift: int | None,
+def run_stream(o: dict, labels: np.ndarray, threshold: float, p0: float, r0: float | None, args, shift: int | None,
                end: int | None) -> dict:
-    """Audit on (one run per seed), off, and offload-everything over one stream."""
+    """Audit on (one run per seed; r0 None: the disagreement test alone), off, and offload-everything
+    over one stream."""
     from splitinfer.edge.audit import Audit
 
     rest = slice(shift or 0, None)
@@ -166,8 +202,11 @@ def run_stream(o: dict, labels: np.ndarray, threshold: float, p0: float, args, s
     everything = replay(o, 2.0, None)  # a threshold no input reaches
     runs, example = [], None
     for seed in range(args.seeds):
-        audit = Audit(args.audit_rate, p0, args.alpha, rng=seed)
-        r = replay(o, threshold, audit)
+        audit = Audit(args.audit_rate, p0, args.alpha, rng=seed, calibrated_offload_rate=r0,
+                      exit_threshold=None if r0 is None else threshold)
+        # without a shift every seed also replays the inputs in its own order (the label-free test draws nothing)
+        order = np.arange(len(labels)) if shift is not None else np.random.default_rng(seed).permutation(len(labels))
+        r = replay({k: v[order] for k, v in o.items()}, threshold, audit)
         alarms = np.flatnonzero(np.diff(np.r_[False, r["alarm"]].astype(int)) == 1)
         first = int(alarms[0]) if len(alarms) else None
         after_shift = [int(a) for a in alarms if shift is not None and a >= shift]
@@ -175,14 +214,16 @@ def run_stream(o: dict, labels: np.ndarray, threshold: float, p0: float, args, s
         runs.append({
             "seed": seed, **{k: v for k, v in audit.state().items() if k in ("audits", "disagreements", "alarms",
                                                                               "recoveries")},
-            "first_alarm": first, "false_alarms_before_shift": int(sum(a < (shift or len(labels)) for a in alarms)),
+            "first_alarm": first, "first_alarm_tests": r["first_tests"],
+            "false_alarms_before_shift": int(sum(a < (shift or len(labels)) for a in alarms)),
             "delay": (after_shift[0] - shift) if after_shift else None,
             "recovered_after_shift_end": (int(ends[ends >= end][0]) - end) if end is not None and (ends >= end).any()
             else None,
-            "accuracy_rest": accuracy(r["answer"][rest], labels[rest]),
+            "alarm_at_the_end": bool(r["alarm"][-1]),
+            "accuracy_rest": accuracy(r["answer"][rest], labels[order][rest]),
             "offload_rate": float(r["offloaded"].mean()),
             "extra_offload_rate": float(r["offloaded"].mean() - off["offloaded"].mean()),
-            "mean_bytes_per_request": float(np.where(r["offloaded"], o["bytes"], 0).mean()),
+            "mean_bytes_per_request": float(np.where(r["offloaded"], o["bytes"][order], 0).mean()),
         })
         example = example or r
     acc_all = accuracy(everything["answer"][rest], labels[rest])
@@ -206,9 +247,17 @@ def run_stream(o: dict, labels: np.ndarray, threshold: float, p0: float, args, s
                             "delay_median": float(np.median([d for d in delays if d is not None])) if any(
                                 d is not None for d in delays) else None,
                             "delay_max": max((d for d in delays if d is not None), default=None),
-                            "false_alarms_before_shift": int(sum(r["false_alarms_before_shift"] for r in runs))}
+                            "false_alarms_before_shift": int(sum(r["false_alarms_before_shift"] for r in runs)),
+                            "first_alarm_by": {name: sum(name in (r["first_alarm_tests"] or ()) for r in runs)
+                                               for name in ("disagreement", "offload_rate")}}
         out["accuracy_rest"]["audit_on_gap_to_offload_everything"] = float(acc_all - acc_on.min())
         out["accuracy_rest"]["audit_off_gap_to_offload_everything"] = float(acc_all - out["accuracy_rest"]["audit_off"])
+    if end is not None and end < len(labels):
+        back = [r["recovered_after_shift_end"] for r in runs]
+        out["recovery"] = {"recovered_share": sum(b is not None for b in back) / len(runs),
+                           "delay_median": float(np.median([b for b in back if b is not None])) if any(
+                               b is not None for b in back) else None,
+                           "in_alarm_at_the_end": int(sum(r["alarm_at_the_end"] for r in runs))}
     out["_example"], out["_off"], out["_everything"] = example, off, everything
     return out
 
@@ -219,7 +268,7 @@ def plot(path: Path, name: str, shifted: dict, labels: np.ndarray, in_dist: dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 1, figsize=(10, 10))
+    fig, axes = plt.subplots(3, 1, figsize=(12, 10))
     kernel = np.ones(window) / window
     t = np.arange(window, len(labels) + 1)
     curves = {"audit on (seed 0)": shifted["_example"], "audit off": shifted["_off"],
@@ -233,15 +282,21 @@ def plot(path: Path, name: str, shifted: dict, labels: np.ndarray, in_dist: dict
         on = np.flatnonzero(np.diff(np.r_[False, ex].astype(int)) == 1)
         for k, a in enumerate(on):
             ax.axvline(a, color="red", linewidth=1, label="drift flagged (seed 0)" if k == 0 else None)
+        off = np.flatnonzero(np.diff(np.r_[False, ex].astype(int)) == -1)
+        for k, a in enumerate(off):
+            ax.axvline(a, color="green", linewidth=1, label="back to the calibrated threshold (seed 0)" if k == 0 else None)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[0].set_ylabel(f"accuracy ({window}-input window)")
     axes[1].set_ylabel(f"offload rate ({window}-input window)")
     axes[1].set_xlabel("input")
     d = shifted["detection"]
     delay = "never" if d["delay_median"] is None else f"median delay {d['delay_median']:.0f}"
-    axes[0].set_title(f"shifted stream ({name}) from input {shifted['shift_at']}: drift flagged within {DETECT_WITHIN} "
-                      f"inputs in {d['flagged_share']:.0%} of {len(shifted['runs'])} seeds ({delay})", fontsize=9)
+    back = shifted.get("recovery", {})
+    axes[0].set_title(f"shifted stream ({name}) from input {shifted['shift_at']} to {shifted['shift_ends_at']}: drift "
+                      f"flagged within {DETECT_WITHIN} inputs in {d['flagged_share']:.0%} of {len(shifted['runs'])} seeds "
+                      f"({delay});\nback to the calibrated threshold in {back.get('recovered_share', 0):.0%} (median "
+                      f"{back.get('delay_median')} inputs after the shift ends)", fontsize=9)
     extra = np.array([r["extra_offload_rate"] for r in in_dist["runs"]]) * 100
     axes[2].hist(extra, bins=15, color="gray")
     axes[2].axvline(2.5, color="red", linestyle="--", label="2.5% bar")
@@ -264,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=ROOT / "artifacts" / "model")
     parser.add_argument("--in-distribution", type=int, default=10_000)
     parser.add_argument("--before", type=int, default=2_000, help="in-distribution inputs before the shift")
-    parser.add_argument("--shifted", type=int, default=4_000)
+    parser.add_argument("--shifted", type=int, default=6_000)
     parser.add_argument("--after", type=int, default=2_000, help="in-distribution inputs after the shift")
     parser.add_argument("--seeds", type=int, default=20, help="audit seeds per stream")
-    parser.add_argument("--shift", choices=tuple(SHIFTS), default="contrast")
+    parser.add_argument("--shift", choices=tuple(SHIFTS), default="contrast_40")
     parser.add_argument("--survey", type=int, default=1_000, help="canvases per shift in the survey")
     parser.add_argument("--audit-rate", type=float, default=0.02)
     parser.add_argument("--alpha", type=float, default=0.05)
@@ -297,26 +352,33 @@ def main(argv: list[str] | None = None) -> int:
     cal = outcomes(manifest, device, server, runner, cal_x)
     test = outcomes(manifest, device, server, runner, test_x)
     shifted_o = outcomes(manifest, device, server, runner, shift_x)
+    # canvas i shows digit i % 1000 (export/data.py make_canvases): streams of independent inputs come in random order
+    order = np.random.default_rng(90_004)
+    test_p, shift_p = order.permutation(n_test), order.permutation(len(shift_y))
+    test, test_y = {k: v[test_p] for k, v in test.items()}, test_y[test_p]
+    shifted_o, shift_y = {k: v[shift_p] for k, v in shifted_o.items()}, shift_y[shift_p]
 
     surveyed = {}
     for name, make in SHIFTS.items():
         x, y = make(args.survey, 90_003)
         surveyed[name] = survey(outcomes(manifest, device, server, runner, x), y, threshold)
     t_pass = time.perf_counter() - t0
-    p0, p0_table, figures = measured_p0(manifest, cal, cal_y, args.alpha)
-    log.info("calibration: %s; p0 %.4f (table-only bound %.4f)", figures, p0, p0_table)
+    p0, p0_table, r0, figures = measured_p0(manifest, cal, cal_y, args.alpha)
+    log.info("calibration: %s; p0 %.4f (table-only bound %.4f), r0 %s", figures, p0, p0_table, r0)
 
     n_in = args.in_distribution
     in_o = {k: v[:n_in] for k, v in test.items()}
     b, a = slice(n_in, n_in + args.before), slice(n_in + args.before, None)
-    stream = {k: np.concatenate([test[k][b], shifted_o[k], test[k][a]]) for k in test}
-    stream_y = np.concatenate([test_y[b], shift_y, test_y[a]])
+    back = {k: np.concatenate([test[k][b], shifted_o[k], test[k][a]]) for k in test}  # the shift ends
+    back_y = np.concatenate([test_y[b], shift_y, test_y[a]])
     shift_at, shift_end = args.before, args.before + args.shifted
+    stream = {k: v[:shift_end] for k, v in back.items()}  # the shift persists to the end
+    stream_y = back_y[:shift_end]
 
     report = {"model": {"name": manifest.name, "version": manifest.version}, "exit_threshold": threshold,
               "audit_rate": args.audit_rate, "alpha": args.alpha, "seeds": args.seeds,
               "shift": args.shift, "survey": {"canvases": args.survey, "shifts": surveyed},
-              "calibration": figures, "p0": p0, "p0_from_table_only": p0_table}
+              "calibration": figures, "p0": p0, "p0_from_table_only": p0_table, "r0": r0}
     shifted_only = slice(shift_at, shift_end)
     report["shifted_inputs"] = {"exit_head": accuracy(stream["device"][shifted_only], stream_y[shifted_only]),
                                 "whole_model": accuracy(stream["whole"][shifted_only], stream_y[shifted_only]),
@@ -325,10 +387,12 @@ def main(argv: list[str] | None = None) -> int:
                              "whole_model": accuracy(in_o["whole"], test_y[:n_in]),
                              "offload_everything": accuracy(in_o["server"], test_y[:n_in])}
     results = {}
-    for name, value in (("p0", p0), ("p0_from_table_only", p0_table)):
-        results[name] = {"in_distribution": run_stream(in_o, test_y[:n_in], threshold, value, args, None, None),
-                         "shifted_stream": run_stream(stream, stream_y, threshold, value, args, shift_at, shift_end)}
-    main_in, main_shift = results["p0"]["in_distribution"], results["p0"]["shifted_stream"]
+    for name, (d0, off0) in (("audit", (p0, r0)), ("disagreement_test_only", (p0, None)),
+                             ("p0_from_table_only", (p0_table, r0))):
+        results[name] = {"in_distribution": run_stream(in_o, test_y[:n_in], threshold, d0, off0, args, None, None),
+                         "shifted_stream": run_stream(stream, stream_y, threshold, d0, off0, args, shift_at, None)}
+    results["audit"]["shift_ends"] = run_stream(back, back_y, threshold, p0, r0, args, shift_at, shift_end)
+    main_in, main_shift = results["audit"]["in_distribution"], results["audit"]["shifted_stream"]
     sh, acc = report["shifted_inputs"], main_shift["accuracy_rest"]
     report["checks"] = {
         "exit_head_loses_5_points_more_on_shift": (sh["whole_model"] - sh["exit_head"])
@@ -338,16 +402,18 @@ def main(argv: list[str] | None = None) -> int:
         "audit_off_not_within_2_points": acc["audit_off_gap_to_offload_everything"] > 0.02,
         "no_alarm_in_distribution": main_in["runs_with_an_alarm"] == 0,
         "extra_offloads_at_most_2_5_percent": main_in["extra_offload_rate"]["max"] <= 0.025,
+        "recovers_when_the_shift_ends": results["audit"]["shift_ends"]["recovery"]["recovered_share"] == 1.0,
     }
     report["results"] = {k: {s: public(v) for s, v in r.items()} for k, r in results.items()}
     report["pass_seconds"], report["wall_seconds"] = round(t_pass, 1), round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     png = args.out.with_suffix(".png")
-    plot(png, args.shift, main_shift, stream_y, main_in)
+    plot(png, args.shift, results["audit"]["shift_ends"], back_y, main_in)
 
     print(f"\ncalibration: exit rate {figures['exit_rate']:.3f}, disagreement {figures['disagreement']:.4f} "
-          f"({figures['disagreements']} of {figures['answered']}); p0 {p0:.4f} (table-only bound {p0_table:.4f})")
+          f"({figures['disagreements']} of {figures['answered']}); p0 {p0:.4f} (table-only bound {p0_table:.4f}); "
+          f"r0 {r0:.4f}")
     print(f"survey ({args.survey} canvases per shift, threshold {threshold}):")
     for name, v in surveyed.items():
         print(f"  {name:<18} exit rate {v['exit_rate']:.3f}  exit head {v['exit_head']:.4f}  whole model "
@@ -361,9 +427,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] in distribution ({i['inputs']:,}): alarms in {i['runs_with_an_alarm']} of {args.seeds} seeds, "
               f"extra offloads mean {i['extra_offload_rate']['mean']:.4f} max {i['extra_offload_rate']['max']:.4f}")
         print(f"[{name}] shift at {shift_at}: flagged within {DETECT_WITHIN} in {d['flagged_share']:.0%} of seeds "
-              f"(median delay {d['delay_median']}, max {d['delay_max']}); accuracy from the shift on: audit on "
-              f"{s['accuracy_rest']['audit_on_median']:.4f} (min {s['accuracy_rest']['audit_on_min']:.4f}), off "
-              f"{s['accuracy_rest']['audit_off']:.4f}, offload everything {s['accuracy_rest']['offload_everything']:.4f}")
+              f"(median delay {d['delay_median']}, max {d['delay_max']}; first alarm by {d['first_alarm_by']}); "
+              f"accuracy from the shift on: audit on {s['accuracy_rest']['audit_on_median']:.4f} (min "
+              f"{s['accuracy_rest']['audit_on_min']:.4f}), off {s['accuracy_rest']['audit_off']:.4f}, offload "
+              f"everything {s['accuracy_rest']['offload_everything']:.4f}")
+    rec = results["audit"]["shift_ends"]["recovery"]
+    print(f"[audit] shift ends at {shift_end}: recovered in {rec['recovered_share']:.0%} of seeds (median "
+          f"{rec['delay_median']} inputs after the end), in alarm at the end of the stream: {rec['in_alarm_at_the_end']}")
     print("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["checks"].items()))
     print(f"wrote {args.out} and {png}")
     return 0 if all(report["checks"].values()) else 1

@@ -1,39 +1,53 @@
 """The field audit: a random share of the inputs the edge answered itself is offloaded too, the
-server's answer is compared with the device's, and a sequential test watches the disagreement rate.
+server's answer is compared with the device's, and sequential tests watch for drift.
 
-The test (documented choice): a Bernoulli CUSUM of the log likelihood ratio of the disagreement
-rate ``alternative`` (p1) against ``calibrated_disagreement`` (p0),
+Two tests, each a Bernoulli CUSUM of a log likelihood ratio (p1 against p0),
 
-    S_t = max(0, S_{t-1} + x_t log(p1 / p0) + (1 - x_t) log((1 - p1) / (1 - p0))),   x_t = 1 on disagreement,
+    S_t = max(0, S_{t-1} + x_t log(p1 / p0) + (1 - x_t) log((1 - p1) / (1 - p0))),
 
-with an anytime-valid threshold h_t = log(t (t + 1) / alpha), t = audits since the test (re)started.
-An alarm at audit t means that for some start s <= t the likelihood-ratio martingale started at s
-reached exp(h_t) >= s (s + 1) / alpha; on in-distribution inputs (disagreement rate <= p0, audit
-choice independent of the input) each of those martingales crosses its level with probability <=
-alpha / (s (s + 1)) (Ville's inequality), so the probability of *any* false alarm, over an endless
-stream, is <= sum_s alpha / (s (s + 1)) < alpha. Unlike a plain SPRT from the first audit, the
-CUSUM forgets a long quiet past, so a shift that starts late is still caught fast; the price is a
-threshold that grows like 2 log t.
+with an anytime-valid threshold h_t = log(t (t + 1) / alpha_i), t = observations since the test
+(re)started:
 
-To be fast with few audits, the audit rate rises to ``alert_rate`` while S_t is above ``alert_level``
-(evidence is building up); under in-distribution inputs S_t rarely climbs that high, so this costs
-few extra offloads. The rate depends only on past audits, never on the input, so the test stays valid.
+- the *disagreement* test: x_t = 1 when an audited input's server answer differs from the device's;
+  p0 = ``calibrated_disagreement``, p1 = ``alternative``;
+- the *offload-rate* test (label-free, every input, no bytes): x_t = 1 when the calibrated policy
+  (``exit_threshold``) would offload the input; p0 = ``calibrated_offload_rate``, an upper bound on
+  that rate on the calibration split, p1 = :func:`default_offload_alternative`. Inputs the exit head
+  finds harder than the calibration split's are inputs its guarantee says nothing about; on every
+  shift surveyed for the built-in model (benchmarks/audit.py) the exit head's confident answers stay
+  mostly agreed with the server's (a few % disagreement, too rare to show in ~10 audits per 500
+  inputs), while its offload rate moves at once. Only a rise is tested: a stream of easier inputs
+  is no reason to offload more, and a confidently wrong exit head is the disagreement test's case.
+
+An alarm at observation t means that for some start s <= t the likelihood-ratio martingale started
+at s reached exp(h_t) >= s (s + 1) / alpha_i; on in-distribution inputs (rate <= p0, audit choice
+independent of the input) each of those crosses its level with probability <= alpha_i / (s (s + 1))
+(Ville's inequality), so the probability of *any* false alarm of a test, over an endless stream, is
+<= alpha_i. With both tests on each gets alpha / 2, so a false alarm of either stays <= alpha.
+Unlike a plain SPRT from the first observation, the CUSUM forgets a long quiet past, so a shift that
+starts late is still caught fast; the price is a threshold that grows like 2 log t.
+
+To be fast with few audits, the audit rate rises to ``alert_rate`` while the disagreement statistic
+is above ``alert_level`` (evidence is building up); under in-distribution inputs it rarely climbs
+that high, so this costs few extra offloads. The rate depends only on past audits, never on the
+input, so the test stays valid.
 
 Recovery: on alarm, :attr:`threshold_boost` becomes 1.0 (offload everything). Every input then
 goes to the server, so every input the *calibrated* policy would have answered on the device is a
-free audit: the caller passes those to :meth:`record` too. A second CUSUM (p0 against p1) runs over
-them; when it reaches log(1 / alpha) the shift is judged over, the boost returns to 0 and the
-detection test restarts from zero (a fresh level-alpha test from there on).
+free audit: the caller passes those to :meth:`record` too. Each test that alarmed runs a recovery
+CUSUM (p0 against p1) over its observations; when it reaches log(1 / alpha_i) that test is judged
+back in distribution and restarts from zero (a fresh test from there on). The boost returns to 0
+when no test is in alarm.
 
-``calibrated_disagreement`` should be an upper confidence bound on the calibration split's
-disagreement rate among the inputs the device answers (protos/calibration.py clopper_pearson_upper),
-so an estimate that is low by chance does not raise alarms: :func:`calibrated_disagreement` makes it
-from the manifest.
+``calibrated_disagreement`` and ``calibrated_offload_rate`` should be upper confidence bounds on the
+calibration split's rates (protos/calibration.py clopper_pearson_upper), so an estimate that is low
+by chance does not raise alarms: :func:`calibrated_disagreement` and :func:`calibrated_offload_rate`
+make them from the manifest.
 
 One input, the same code in :class:`~splitinfer.edge.runner.EdgeRunner` and in the benchmark that
 replays streams (benchmarks/audit.py): :func:`route` says whether to offload, whose answer the user
-gets and whether the server's answer is compared; after an offload, :func:`settle` records the
-comparison.
+gets and whether the server's answer is compared (and feeds the offload-rate test); after an
+offload, :func:`settle` records the comparison.
 """
 from __future__ import annotations
 
@@ -45,7 +59,8 @@ import numpy as np
 
 from splitinfer.protos.calibration import clopper_pearson_upper
 
-__all__ = ["Audit", "Route", "route", "settle", "calibrated_disagreement", "default_alternative", "audit_for",
+__all__ = ["Audit", "Route", "route", "settle", "calibrated_disagreement", "calibrated_offload_rate",
+           "default_alternative", "default_offload_alternative", "audit_for",
            "DEFAULT_RATE", "DEFAULT_ALPHA", "MAX_DISAGREEMENT"]
 
 log = logging.getLogger(__name__)
@@ -56,6 +71,51 @@ def default_alternative(p0: float) -> float:
     return float(min(0.5, max(4.0 * p0, p0 + 0.1)))
 
 
+def default_offload_alternative(r0: float) -> float:
+    """The drifted offload rate the label-free test is tuned for: r0 + 0.1 (at least 1.5 r0), below 1."""
+    return float(min(0.5 * (1.0 + r0), max(1.5 * r0, r0 + 0.1)))
+
+
+class _Cusum:
+    """One drift test: the Bernoulli CUSUM of rate p1 against p0 with the anytime threshold, and the
+    recovery CUSUM (p0 against p1) that ends its alarm (see the module docstring)."""
+
+    def __init__(self, p0: float, p1: float, alpha: float) -> None:
+        self.p0, self.p1, self.alpha = p0, p1, alpha
+        self._up = math.log(p1 / p0)  # increment on x = 1 (detection CUSUM)
+        self._down = math.log((1.0 - p1) / (1.0 - p0))  # on x = 0 (< 0)
+        self.recovery_level = math.log(1.0 / alpha)
+        self.alarm = False
+        self.alarms = self.recoveries = 0
+        self.statistic = 0.0  # detection CUSUM S_t
+        self.recovery_statistic = 0.0  # recovery CUSUM, while the alarm is on
+        self._t = 0  # observations since the detection test (re)started
+
+    @property
+    def threshold(self) -> float:
+        t = max(self._t, 1)
+        return math.log(t * (t + 1) / self.alpha)
+
+    def step(self, x: bool) -> str | None:
+        """One observation; returns "alarm" or "recovered" when the state changes, else None."""
+        if self.alarm:
+            self.recovery_statistic = max(0.0, self.recovery_statistic - (self._up if x else self._down))
+            if self.recovery_statistic < self.recovery_level:
+                return None
+            self.alarm = False
+            self.recoveries += 1
+            self.statistic, self.recovery_statistic, self._t = 0.0, 0.0, 0
+            return "recovered"
+        self._t += 1
+        self.statistic = max(0.0, self.statistic + (self._up if x else self._down))
+        if self.statistic < self.threshold:
+            return None
+        self.alarm = True
+        self.alarms += 1
+        self.recovery_statistic = 0.0
+        return "alarm"
+
+
 class Audit:
     """Field audit of the device's own answers.
 
@@ -63,12 +123,15 @@ class Audit:
     p0, the disagreement rate (device vs server) expected on those inputs. alpha: the bound on the
     probability of a false alarm. rng: a numpy Generator (or seed) for the audit draws. alternative:
     p1 > p0, the drifted rate the test is tuned for. alert_rate / alert_level: the raised audit rate
-    and the statistic above which it applies.
+    and the statistic above which it applies. calibrated_offload_rate and exit_threshold (both or
+    neither): the label-free test, on the share of inputs whose exit confidence is below
+    ``exit_threshold`` (the manifest's calibrated threshold, whatever operating point is in use).
     """
 
     def __init__(self, rate: float = 0.02, calibrated_disagreement: float = 0.02, alpha: float = 0.05,
                  rng: np.random.Generator | int | None = None, alternative: float | None = None,
-                 alert_rate: float = 0.5, alert_level: float = 1.0) -> None:
+                 alert_rate: float = 0.5, alert_level: float = 1.0, calibrated_offload_rate: float | None = None,
+                 exit_threshold: float | None = None) -> None:
         for name, value in (("rate", rate), ("alert_rate", alert_rate)):
             if not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -82,24 +145,53 @@ class Audit:
             raise ValueError(f"alternative must be in (calibrated_disagreement={p0}, 1), got {alternative}")
         if not alert_level > 0.0:
             raise ValueError(f"alert_level must be > 0, got {alert_level}")
+        if (calibrated_offload_rate is None) != (exit_threshold is None):
+            raise ValueError("calibrated_offload_rate and exit_threshold come together (the label-free test needs both)")
+        if calibrated_offload_rate is not None and not 0.0 < float(calibrated_offload_rate) < 1.0:
+            raise ValueError(f"calibrated_offload_rate must be in (0, 1), got {calibrated_offload_rate}")
         self.rate, self.alert_rate, self.alert_level = float(rate), max(float(alert_rate), float(rate)), float(alert_level)
-        self.p0, self.p1, self.alpha = p0, p1, float(alpha)
+        self.alpha = float(alpha)
+        share = self.alpha / 2 if calibrated_offload_rate is not None else self.alpha
+        self._disagreement = _Cusum(p0, p1, share)
+        self._offload = None if calibrated_offload_rate is None else _Cusum(
+            float(calibrated_offload_rate), default_offload_alternative(float(calibrated_offload_rate)), share)
+        self.exit_threshold = None if exit_threshold is None else float(exit_threshold)
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        self._up = math.log(p1 / p0)  # increment on a disagreement (detection CUSUM)
-        self._down = math.log((1.0 - p1) / (1.0 - p0))  # on an agreement (< 0)
-        self.recovery_level = math.log(1.0 / self.alpha)
         self.audits = self.disagreements = 0  # lifetime counts of recorded comparisons
-        self.alarms = self.recoveries = 0
-        self.alarm = False
-        self.statistic = 0.0  # detection CUSUM S_t
-        self.recovery_statistic = 0.0  # recovery CUSUM, while the alarm is on
-        self._t = 0  # audits since the detection test (re)started
+        self.observed = self.below_threshold = 0  # lifetime counts of the label-free test's inputs
+
+    @property
+    def p0(self) -> float:
+        return self._disagreement.p0
+
+    @property
+    def p1(self) -> float:
+        return self._disagreement.p1
+
+    @property
+    def statistic(self) -> float:
+        """The disagreement test's CUSUM S_t."""
+        return self._disagreement.statistic
 
     @property
     def threshold(self) -> float:
-        """h_t: the detection threshold at the current audit count."""
-        t = max(self._t, 1)
-        return math.log(t * (t + 1) / self.alpha)
+        """h_t: the disagreement test's threshold at its current audit count."""
+        return self._disagreement.threshold
+
+    def _tests(self) -> "tuple[_Cusum, ...]":
+        return (self._disagreement,) if self._offload is None else (self._disagreement, self._offload)
+
+    @property
+    def alarm(self) -> bool:
+        return any(t.alarm for t in self._tests())
+
+    @property
+    def alarms(self) -> int:
+        return sum(t.alarms for t in self._tests())
+
+    @property
+    def recoveries(self) -> int:
+        return sum(t.recoveries for t in self._tests())
 
     @property
     def threshold_boost(self) -> float:
@@ -124,43 +216,60 @@ class Audit:
         rate = self.current_rate
         return bool(rate > 0.0 and self.rng.random() < rate)
 
+    def observe(self, confidence: float) -> bool:
+        """The label-free test's observation for one input (its exit confidence; a no-op without the
+        test). Returns whether the alarm is on afterwards."""
+        if self._offload is not None:
+            below = confidence < self.exit_threshold
+            self.observed += 1
+            self.below_threshold += below
+            self._log(self._offload, self._offload.step(below), "offload rate",
+                      f"{self.below_threshold} of {self.observed} inputs below the calibrated exit threshold, "
+                      f"calibrated rate {self._offload.p0:.4f}")
+        return self.alarm
+
     def record(self, device_label: int, server_label: int) -> bool:
         """One comparison: an audited input, or (during an alarm) an input the calibrated policy
         would have answered on the device. Returns whether the alarm is on afterwards."""
         disagree = int(device_label) != int(server_label)
         self.audits += 1
         self.disagreements += disagree
-        if self.alarm:
-            # recovery CUSUM: evidence for p0 against p1
-            step = -self._up if disagree else -self._down
-            self.recovery_statistic = max(0.0, self.recovery_statistic + step)
-            if self.recovery_statistic >= self.recovery_level:
-                self.alarm = False
-                self.recoveries += 1
-                self.statistic, self.recovery_statistic, self._t = 0.0, 0.0, 0
-                log.warning("field audit: audits agree again (%d of %d disagree overall): back to the calibrated "
-                            "exit threshold", self.disagreements, self.audits)
-            return self.alarm
-        self._t += 1
-        self.statistic = max(0.0, self.statistic + (self._up if disagree else self._down))
-        if self.statistic >= self.threshold:
-            self.alarm = True
-            self.alarms += 1
-            self.recovery_statistic = 0.0
-            log.warning("field audit: drift flagged (%d of %d audits disagree, calibrated rate %.4f; CUSUM %.2f >= "
-                        "%.2f at level alpha %.3g): offloading every input until audits agree again",
-                        self.disagreements, self.audits, self.p0, self.statistic, self.threshold, self.alpha)
+        self._log(self._disagreement, self._disagreement.step(disagree), "disagreement",
+                  f"{self.disagreements} of {self.audits} audits disagree, calibrated rate {self.p0:.4f}")
         return self.alarm
+
+    def _log(self, test: _Cusum, change: str | None, name: str, counts: str) -> None:
+        if change == "alarm":
+            log.warning("field audit: drift flagged by the %s test (%s; CUSUM %.2f >= %.2f at level alpha %.3g): "
+                        "offloading every input until it is back in distribution", name, counts, test.statistic,
+                        test.threshold, test.alpha)
+        elif change == "recovered":
+            log.warning("field audit: the %s test is back in distribution (%s)%s", name, counts,
+                        "" if self.alarm else ": back to the calibrated exit threshold")
+
+    @property
+    def drift_tests(self) -> tuple[str, ...]:
+        """The tests in alarm now ("disagreement", "offload_rate")."""
+        names = (("disagreement", self._disagreement), ("offload_rate", self._offload))
+        return tuple(name for name, t in names if t is not None and t.alarm)
 
     def state(self) -> dict:
         """What a summary, a log line or the JSON report shows."""
-        return {
+        out = {
             "audits": self.audits, "disagreements": self.disagreements, "alarm": self.alarm,
             "alarms": self.alarms, "recoveries": self.recoveries, "statistic": round(self.statistic, 4),
-            "threshold": round(self.threshold, 4), "recovery_statistic": round(self.recovery_statistic, 4),
+            "threshold": round(self.threshold, 4), "recovery_statistic": round(self._disagreement.recovery_statistic, 4),
             "threshold_boost": self.threshold_boost, "audit_rate": self.current_rate, "rate": self.rate,
             "calibrated_disagreement": self.p0, "alternative": self.p1, "alpha": self.alpha,
+            "drift_tests": list(self.drift_tests),
         }
+        if self._offload is not None:
+            t = self._offload
+            out["offload_rate_test"] = {
+                "observed": self.observed, "below_threshold": self.below_threshold, "alarms": t.alarms,
+                "recoveries": t.recoveries, "statistic": round(t.statistic, 4), "threshold": round(t.threshold, 4),
+                "calibrated_offload_rate": t.p0, "alternative": t.p1, "exit_threshold": self.exit_threshold}
+        return out
 
 
 @dataclass(frozen=True)
@@ -192,11 +301,13 @@ def route(confidence: float | None, threshold: float, audit: Audit | None) -> Ro
     Confident under the audit's (maybe stricter) threshold: the device answers, and a random share
     of those inputs is audited. Otherwise the server answers; an input the calibrated threshold
     would have answered on the device (offloaded only because of a drift alarm) is compared too.
+    Every input's confidence also goes to the audit's label-free test (:meth:`Audit.observe`).
     """
     if confidence is None:
         return SERVER
     if audit is None:
         return DEVICE if confidence >= threshold else SERVER
+    audit.observe(confidence)
     if confidence >= audit.stricter(threshold):
         return AUDIT if audit.should_audit() else DEVICE
     return FREE_AUDIT if confidence >= threshold else SERVER
@@ -239,6 +350,17 @@ def calibrated_disagreement(manifest, delta: float = 0.05) -> float | None:
     return clopper_pearson_upper(min(answered, int(math.ceil(rate * answered - 1e-9))), answered, delta)
 
 
+def calibrated_offload_rate(manifest, delta: float = 0.05) -> float | None:
+    """r0 for the label-free test: a one-sided (1 - delta) Clopper-Pearson upper bound on the share of
+    the calibration split that the manifest's exit threshold offloads; None when it cannot tell (not
+    a classifier, or a calibrated policy that offloads nothing or everything)."""
+    cal = manifest.calibration
+    offloaded = int(round(cal.n * (1.0 - cal.exit_rate)))
+    if manifest.task != "classification" or not 0 < offloaded < cal.n:
+        return None
+    return clopper_pearson_upper(offloaded, cal.n, delta)
+
+
 DEFAULT_RATE = 0.02  # share of device-answered inputs audited
 DEFAULT_ALPHA = 0.05  # bound on the probability of a false drift alarm
 MAX_DISAGREEMENT = 0.4  # above it the drifted rate the test looks for (at most 0.5) is too close to tell
@@ -256,4 +378,6 @@ def audit_for(manifest, rate: float = DEFAULT_RATE, alpha: float = DEFAULT_ALPHA
     if p0 is None or p0 >= MAX_DISAGREEMENT:
         return None, ("the manifest gives no usable calibrated disagreement rate "
                       f"({'none' if p0 is None else f'{p0:.3f}'}); pass --audit-disagreement to set one")
-    return Audit(rate, p0, alpha, rng=rng), ""
+    r0 = calibrated_offload_rate(manifest, delta=alpha)
+    return Audit(rate, p0, alpha, rng=rng, calibrated_offload_rate=r0,
+                 exit_threshold=None if r0 is None else manifest.exit_threshold), ""

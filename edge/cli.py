@@ -321,9 +321,13 @@ class _Stats:
         if audit is None:
             return
         st = audit.state()
-        state = "DRIFT: offloading every input" if st["alarm"] else "in calibration"
+        state = f"DRIFT ({', '.join(st['drift_tests'])}): offloading every input" if st["alarm"] else "in calibration"
+        off = st.get("offload_rate_test")
+        label_free = "" if off is None else (
+            f", {off['below_threshold']} of {off['observed']} inputs below the calibrated exit threshold "
+            f"(calibrated rate {off['calibrated_offload_rate']:.4f})")
         print(f"  audit: {st['audits']} audits, {st['disagreements']} disagreements (calibrated rate "
-              f"{st['calibrated_disagreement']:.4f}), {st['alarms']} drift alarm(s), {st['recoveries']} "
+              f"{st['calibrated_disagreement']:.4f}){label_free}, {st['alarms']} drift alarm(s), {st['recoveries']} "
               f"recovery(ies); now {state} (audit rate {st['rate']:g}, false alarms <= alpha {st['alpha']:g})",
               file=out)
 

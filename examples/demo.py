@@ -257,7 +257,10 @@ def print_table(r: dict) -> None:
     else:
         print(f"  field audit: {a['audits']} audits ({100 * r['audited_rate']:.1f}% of inputs, counted in the bytes), "
               f"{a['disagreements']} disagreement(s) with the server (calibrated rate <= {a['calibrated_disagreement']:.4f}); "
-              f"{a['alarms']} drift alarm(s), false alarms <= {a['alpha']:g}")
+              + ("" if "offload_rate_test" not in a else
+                 f"{a['offload_rate_test']['below_threshold']} of {a['offload_rate_test']['observed']} inputs below the "
+                 f"exit threshold (calibrated rate <= {a['offload_rate_test']['calibrated_offload_rate']:.4f}); ")
+              + f"{a['alarms']} drift alarm(s), false alarms <= {a['alpha']:g}")
 
 
 if __name__ == "__main__":

@@ -153,3 +153,92 @@ def test_calibrated_disagreement_from_the_manifest(tiny_manifest):
     assert calibrated_disagreement(older) == 1.0
     # export measures it: the tiny model's exit head and server never agree
     assert tiny_manifest.calibration.disagreement == 1.0 and calibrated_disagreement(tiny_manifest) == 1.0
+
+
+def offload_stream(seed: int, n: int, r0: float, rate: float, shift: tuple[int, int] | None = None,
+                   rate_shift: float = 0.4, alpha: float = 0.05):
+    """The label-free test alone drives the alarm (every audit agrees). Returns (audit, first alarm,
+    first recovery after the shift ends)."""
+    rng = np.random.default_rng(seed)
+    audit = Audit(0.02, P0, alpha, rng=np.random.default_rng(20_000 + seed), calibrated_offload_rate=r0,
+                  exit_threshold=0.5)
+    first_alarm = recovered = None
+    for i in range(n):
+        shifted = shift is not None and shift[0] <= i < shift[1]
+        confidence = 0.1 if rng.random() < (rate_shift if shifted else rate) else 0.9
+        was_on = audit.alarm
+        decision = route(confidence, 0.5, audit)
+        if decision.offload:
+            settle(decision, audit, 3, 3)
+        if audit.alarm and not was_on and first_alarm is None:
+            first_alarm = i
+        if was_on and not audit.alarm and recovered is None and shift is not None and i >= shift[1]:
+            recovered = i
+    return audit, first_alarm, recovered
+
+
+def test_offload_rate_test_false_alarms_at_its_calibrated_rate():
+    """Inputs offloaded at exactly r0 (the null's edge): a false alarm in at most alpha / 2 of the
+    streams at a loose alpha, and no disagreement-test alarm (every audit agrees)."""
+    runs = [offload_stream(seed, 3000, 0.1, 0.1, alpha=0.5) for seed in range(100)]
+    assert sum(a.alarms > 0 for a, *_ in runs) / len(runs) <= 0.25
+    assert all(a.observed == 3000 and a.disagreements == 0 for a, *_ in runs)
+    quiet = [offload_stream(seed, 3000, 0.1, 0.08) for seed in range(20)]
+    assert not any(a.alarms for a, *_ in quiet)
+
+
+def test_offload_rate_shift_is_flagged_fast_and_clears(capsys):
+    delays, back = [], []
+    for seed in range(30):
+        audit, first, recovered = offload_stream(100 + seed, 3000, 0.1, 0.08, shift=(1000, 2000))
+        assert first is not None and first >= 1000  # nothing before the shift
+        delays.append(first - 1000)
+        back.append(math.inf if recovered is None else recovered - 2000)
+        assert not audit.alarm and audit.state()["offload_rate_test"]["alarms"] >= 1
+    with capsys.disabled():
+        print(f"\noffload-rate test, 0.08 -> 0.4 at input 1,000: delay median {np.median(delays):.0f}, max "
+              f"{max(delays)} inputs; back median {np.median(back):.0f} inputs after the shift ends")
+    assert max(delays) <= 200 and np.percentile(back, 90) <= 300
+
+
+def test_an_alarm_of_either_test_offloads_everything():
+    audit = Audit(0.02, P0, 0.05, rng=0, calibrated_offload_rate=0.1, exit_threshold=0.5)
+    assert audit.state()["alpha"] == 0.05 and audit._offload.alpha == 0.025 == audit._disagreement.alpha
+    while not audit.alarm:
+        route(0.1, 0.5, audit)  # the calibrated policy offloads every input
+    assert audit.drift_tests == ("offload_rate",) and audit.threshold_boost == 1.0
+    assert route(0.9, 0.5, audit) is FREE_AUDIT  # a confident input goes to the server too
+    while "disagreement" not in audit.drift_tests:
+        audit.record(3, 5)  # free audits that disagree
+    assert audit.drift_tests == ("disagreement", "offload_rate") and audit.alarms == 2
+    for _ in range(200):
+        route(0.9, 0.5, audit)
+    assert audit.drift_tests == ("disagreement",)  # one test back in distribution, the other still in alarm
+    assert route(0.9, 0.5, audit) is FREE_AUDIT
+    for _ in range(200):
+        settle(route(0.9, 0.5, audit), audit, 3, 3)
+    assert not audit.alarm and audit.recoveries == 2 and route(0.9, 0.5, audit) in (DEVICE, AUDIT)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"calibrated_offload_rate": 0.1}, "come together"),
+                                          ({"exit_threshold": 0.5}, "come together"),
+                                          ({"calibrated_offload_rate": 0.0, "exit_threshold": 0.5}, "offload_rate")])
+def test_bad_offload_rate_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Audit(0.02, P0, 0.05, **kwargs)
+
+
+def test_audit_for_builds_the_label_free_test_from_the_manifest(tiny_manifest):
+    import dataclasses
+
+    from splitinfer.edge.audit import audit_for, calibrated_offload_rate
+
+    cal = dataclasses.replace(tiny_manifest.calibration, n=1000, exit_rate=0.9, disagreement=0.01, guarantee=None)
+    manifest = dataclasses.replace(tiny_manifest, calibration=cal)
+    r0 = calibrated_offload_rate(manifest, delta=0.05)
+    assert 0.1 < r0 < 0.125  # an upper bound on 100 of 1000
+    audit, why = audit_for(manifest)
+    assert why == "" and audit.exit_threshold == manifest.exit_threshold
+    assert audit.state()["offload_rate_test"]["calibrated_offload_rate"] == pytest.approx(r0)
+    never = dataclasses.replace(manifest, calibration=dataclasses.replace(cal, exit_rate=1.0))
+    assert calibrated_offload_rate(never) is None and "offload_rate_test" not in audit_for(never)[0].state()
