@@ -41,8 +41,13 @@ def select_positions(importance: np.ndarray, mass: float, budget: int, min_token
     total = -float(neg_csum[-1])
     if not math.isfinite(total):  # NaN or inf anywhere makes the total non-finite
         raise ValueError("importance contains NaN or inf")
-    # K = 1 + #(cumulative < mass * total) = 1 + #(neg_csum > -mass * total); neg_csum descends
-    k = p - int(neg_csum[::-1].searchsorted(-(mass * total), side="right")) + 1
+    # K = 1 + #(cumulative < mass * total) = 1 + #(neg_csum > -mass * total); neg_csum descends and K
+    # is clamped to the budget, so only the first ``budget`` ranks need counting (a short list)
+    limit, k = -(mass * total), 1
+    for value in neg_csum[:budget].tolist():
+        if value <= limit:
+            break
+        k += 1
     k = min(max(k, min_tokens), budget, p)
     positions = order[:k + 1]  # a view of a fresh array: sort it in place
     positions.sort()

@@ -223,14 +223,28 @@ def dequantize_int8(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return dequantize(q, np.asarray(scales, dtype=np.float32)[:, None])
 
 
+def _int4_pair_table() -> np.ndarray:
+    """uint8 (65536,): a little-endian pair of int8 values in [-8, 7] (read as one uint16) -> its
+    packed byte, the first value's two's complement nibble low."""
+    pair = np.arange(65536, dtype=np.uint32)
+    return ((pair & 0x0F) | ((pair >> 8) & 0x0F) << 4).astype(np.uint8)
+
+
+_INT4_PAIRS = _int4_pair_table()  # 64 KB
+
+
 def pack_int4(q: np.ndarray) -> bytes:
     """int8 values in [-8, 7], even count -> bytes, two's complement nibbles, low nibble first."""
-    # two's complement: the low nibble is the value. Rows of even length pair up within the row, so
-    # the (K, d) array needs no flattening first (one numpy call fewer on the edge's hot path).
-    pairs = q.view(np.uint8) if q.ndim == 2 and q.shape[1] % 2 == 0 else q.reshape(-1).view(np.uint8)
-    low = pairs[..., 0::2] & np.uint8(0x0F)
-    low |= pairs[..., 1::2] << np.uint8(4)  # the shift drops the high nibble's upper bits by itself
-    return low.tobytes()
+    # The edge's hot path: one table lookup per pair of values (the pair read as a little-endian
+    # uint16) instead of a mask, a shift and an or over strided halves. Rows of even length pair up
+    # within the row, so a contiguous (K, d) array needs no flattening first.
+    if q.dtype != np.int8:
+        q = q.astype(np.int8)
+    if q.ndim != 2 or q.shape[1] % 2 or not q.flags.c_contiguous:
+        q = np.ascontiguousarray(q).reshape(-1)
+        if q.size % 2:
+            raise ValueError(f"int4 packing needs an even count of values, got {q.size}")
+    return _INT4_PAIRS.take(q.view("<u2")).tobytes()
 
 
 def unpack_int4(raw: bytes, count: int) -> np.ndarray:

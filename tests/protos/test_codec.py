@@ -143,6 +143,16 @@ def test_int4_packing_round_trip():
     q = np.arange(-7, 8, dtype=np.int8).repeat(2)
     np.testing.assert_array_equal(unpack_int4(pack_int4(q), q.size), q)
     assert len(pack_int4(q)) == q.size // 2
+    # every pair of values, as a (K, 2) array, a flat one and a strided view: the byte is lo | hi << 4
+    lo, hi = np.meshgrid(np.arange(-8, 8), np.arange(-8, 8), indexing="ij")
+    pairs = np.stack([lo.ravel(), hi.ravel()], axis=1).astype(np.int8)
+    expected = bytes(((a & 0x0F) | (b & 0x0F) << 4) for a, b in pairs.tolist())
+    assert pack_int4(pairs) == pack_int4(pairs.ravel()) == expected
+    wide = np.repeat(pairs, 2, axis=1)[:, ::2]  # not contiguous
+    assert pack_int4(wide) == expected
+    np.testing.assert_array_equal(unpack_int4(expected, pairs.size).reshape(-1, 2), pairs)
+    with pytest.raises(ValueError, match="even count"):
+        pack_int4(np.zeros(5, dtype=np.int8))
 
 
 def test_bytes_shrink_with_bits_and_groups():
