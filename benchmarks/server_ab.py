@@ -2,6 +2,7 @@
 
     git worktree add /tmp/base HEAD~1
     .venv/bin/python benchmarks/server_ab.py --base /tmp/base [--clients 64] [--rounds 8] [--window-s 1]
+    .venv/bin/python benchmarks/server_ab.py --base . --base-args="--event-loop asyncio"   # a setting, one tree
 
 Starts ``splitinfer-serve`` from this checkout and from ``--base`` (another checkout of the
 project: its ``protos``, ``edge``, ``cloud`` and ``export`` folders are imported in place of this
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--window-s", type=float, default=1.0)
     parser.add_argument("--kinds", default="stream,unary", help="stream, unary or both")
+    parser.add_argument("--base-args", default="", help="extra splitinfer-serve arguments for the base server only")
+    parser.add_argument("--args", dest="this_args", default="", help="extra arguments for this tree's server only")
     args = parser.parse_args(argv)
     if not (args.model_dir / "manifest.json").is_file():
         print(f"error: no model at {args.model_dir} (make demo exports one)", file=sys.stderr)
@@ -61,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         saved = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = str(package_links(args.base.resolve(), Path(tmp)))
         try:
-            base = sl.ServerProcess(args.model_dir, *common)
+            base = sl.ServerProcess(args.model_dir, *common, *shlex.split(args.base_args))
         finally:
             os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
-        new = sl.ServerProcess(args.model_dir, *common)
+        new = sl.ServerProcess(args.model_dir, *common, *shlex.split(args.this_args))
         try:
             # server_load.compare: one slice per round, the two servers in alternating order (AB, then BA)
             settings = argparse.Namespace(window_s=args.window_s, slices=1, warmup_s=0.1, timeout_ms=1000.0)

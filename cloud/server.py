@@ -82,6 +82,7 @@ class ServerConfig:
     metrics_port: int | None = None
     reflection: bool = True
     health_port: int | None = None  # a second, plaintext listener with only the health service (probes)
+    event_loop: str = "auto"  # EVENT_LOOPS: auto = uvloop when installed, else asyncio's own
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -102,6 +103,7 @@ class ServerConfig:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.health_port is not None and not 0 <= self.health_port <= 65535:
             raise ValueError(f"health_port must be in [0, 65535], got {self.health_port}")
+        loop_factory(self.event_loop)  # an unknown name, or uvloop asked for and not installed
         object.__setattr__(self, "auth_tokens", tuple(self.auth_tokens))
         if self.auth_token_file is not None:
             object.__setattr__(self, "auth_token_file", Path(self.auth_token_file))
@@ -117,6 +119,32 @@ class ServerConfig:
         if self.auth_token_file is not None:
             tokens = tokens + read_tokens(self.auth_token_file)
         return tokens
+
+
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def loop_factory(kind: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
+    """What makes the server's event loop. uvloop (libuv; the cloud extra installs it on Linux and
+    macOS) runs grpc.aio's callbacks and the request handling with less CPU per request than
+    asyncio's own loop (benchmarks/server_load.py measures both); "auto" takes it when installed.
+    ValueError for an unknown kind, or "uvloop" without uvloop installed."""
+    if kind not in EVENT_LOOPS:
+        raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {kind!r}")
+    if kind == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if kind == "uvloop":
+            raise ValueError("event loop 'uvloop' asked for, but uvloop is not installed "
+                             "(pip install 'splitinfer[cloud]' or pip install uvloop)") from None
+        return asyncio.new_event_loop
+    return uvloop.new_event_loop
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 def _model_key(model: LoadedModel) -> tuple[str, str, str]:
@@ -381,7 +409,8 @@ class AsyncSplitInferServer:
             await self._health_server.start()
         logger.info("listening on %s", self.address, extra={
             "tls": "mutual" if self.config.tls and self.config.tls.mutual else bool(self.config.tls),
-            "auth": self._auth is not None, "metrics": self.metrics_url or "off"})
+            "auth": self._auth is not None, "metrics": self.metrics_url or "off",
+            "event_loop": _loop_name(asyncio.get_running_loop())})
 
     async def reload(self) -> bool:
         """Re-read the model source and the token file; keep serving the old set if anything fails.
@@ -533,7 +562,7 @@ def create_server(registry: ModelLookup, config: ServerConfig | None = None, *, 
     settings, OSError when the address cannot be bound.
     """
     config = replace(config or ServerConfig(port=0), **settings)
-    loop = asyncio.new_event_loop()
+    loop = loop_factory(config.event_loop)()
     ready = threading.Event()
 
     def run() -> None:
@@ -573,7 +602,20 @@ def serve(
     calls. A second stop signal stops at once. ``on_listening(server)`` is called once the server
     accepts calls. Signal handlers are installed only in the main thread.
     """
-    asyncio.run(_serve(registry, config, on_listening, source))
+    loop = loop_factory(config.event_loop)()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_serve(registry, config, on_listening, source))
+    finally:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 async def _serve(registry: ModelLookup, config: ServerConfig, on_listening, source: ModelSource | None) -> None:

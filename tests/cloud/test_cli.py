@@ -1,6 +1,7 @@
 """splitinfer-serve in a subprocess: the listening line, a real call, graceful SIGTERM; no torch."""
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import select
@@ -48,8 +49,10 @@ def _read_until_listening(proc: subprocess.Popen, timeout: float) -> tuple[list[
     pytest.fail(f"no listening line within {timeout} s; stdout {lines!r}; stderr:\n{err.decode()}")
 
 
-def test_serve_answer_and_stop_on_sigterm(tiny_model_dir: Path, make_request, tiny_manifest) -> None:
-    proc = subprocess.Popen(_serve_command("--model", str(tiny_model_dir), "--port", "0", "--grace-s", "2"),
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_serve_answer_and_stop_on_sigterm(tiny_model_dir: Path, make_request, tiny_manifest, event_loop) -> None:
+    proc = subprocess.Popen(_serve_command("--model", str(tiny_model_dir), "--port", "0", "--grace-s", "2",
+                                           "--event-loop", event_loop),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     try:
         before, host, port = _read_until_listening(proc, STARTUP_TIMEOUT_S)
@@ -67,6 +70,7 @@ def test_serve_answer_and_stop_on_sigterm(tiny_model_dir: Path, make_request, ti
     assert proc.returncode == 0, err.decode()
     assert b"listening on" not in out  # printed exactly once, already read
     assert b"Traceback" not in err
+    assert f"event_loop={event_loop}".encode() in err  # the listening log line names the loop it runs on
 
 
 @pytest.mark.parametrize("problem", ["not_a_model_folder", "tampered_server_half", "duplicate_names"])
@@ -90,6 +94,18 @@ def test_bad_settings_exit_2(tiny_model_dir: Path, capsys) -> None:
     assert main(["--model", str(tiny_model_dir), "--port", "70000"]) == 2
     assert "port must be in [0, 65535]" in capsys.readouterr().err
     assert main([]) == 2  # --model is required
+
+
+def test_uvloop_asked_for_but_missing_exits_2(tiny_model_dir: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    assert main(["--model", str(tiny_model_dir), "--port", "0", "--event-loop", "uvloop"]) == 2
+    assert "uvloop is not installed" in capsys.readouterr().err
+    from splitinfer.cloud.server import ServerConfig, loop_factory
+
+    assert loop_factory("auto") is asyncio.new_event_loop  # auto falls back to asyncio's loop
+    assert ServerConfig(event_loop="auto").event_loop == "auto"
+    with pytest.raises(ValueError, match="event_loop must be one of"):
+        ServerConfig(event_loop="trio")
 
 
 def test_import_loads_no_torch() -> None:
