@@ -221,7 +221,8 @@ _GRPC_ENGINE_ONLY = {"tls_cert": "Ray's gRPC ingress has no TLS: terminate TLS i
                      "health_port": "Ray's proxy serves its own health RPCs (/ray.serve.RayServeAPIService/Healthz)",
                      "metrics_port": "Ray exports its own metrics", "metrics_host": "Ray exports its own metrics",
                      "max_queue": "Ray Serve queues in its proxy", "workers": "each replica runs one batch at a time",
-                     "no_reflection": "Ray's proxy decides reflection"}
+                     "no_reflection": "Ray's proxy decides reflection",
+                     "event_loop": "Ray Serve runs its own event loops"}
 
 
 def config_from_args(args, tokens: tuple[str, ...]) -> RayServeConfig:

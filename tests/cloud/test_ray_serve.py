@@ -164,7 +164,7 @@ def test_splitinfer_serve_engine_ray_serves_until_sigterm(tiny_model_dir, make_r
 
 
 @pytest.mark.parametrize("option", [["--tls-cert", "c.pem", "--tls-key", "k.pem"], ["--metrics-port", "0"],
-                                    ["--health-port", "0"]])
+                                    ["--health-port", "0"], ["--event-loop", "asyncio"]])
 def test_engine_ray_refuses_options_it_cannot_honour(tiny_model_dir, option, capsys):
     from splitinfer.cloud.cli import main
 
