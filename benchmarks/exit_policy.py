@@ -14,9 +14,12 @@
    temperature-scaled max softmax (T fitted on the calibration split), and deferral heads
    (export/exit_policy.py DeferralHead): on the exit logits only, on hidden states + exit logits
    (``deferral_head``), and the same trained on perturbed training digits (random affine maps, a
-   stand-in for digit shapes the model has not memorised: ``deferral_head_perturbed``). The oracle
-   offloads exactly the inputs the server fixes. The deployed policy (``learned`` in the JSON) is the
-   one with the fewest offloads at the two target accuracies on the *calibration* split.
+   stand-in for digit shapes the model has not memorised: ``deferral_head_perturbed``), and view
+   consistency (``view_consistency``: a second device pass on the canvas rolled by a few pixels, the
+   shift chosen on the calibration split; offload first the answers that do not survive it). The
+   oracle offloads exactly the inputs the server fixes. The deployed policy (``learned`` in the
+   JSON) is the one with the fewest offloads at the two target accuracies on the *calibration*
+   split, among those device.onnx can run (view consistency needs two passes: measured, not deployed).
 4. On the test canvases, each policy's curve: offloading its top-k inputs for every k. At accuracy
    ``accuracy_full_model - 0.005`` and ``- 0.002`` (whole model on the same canvases): the smallest
    offload rate whose accuracy reaches the target, its ratio to the oracle's, 95% intervals from a
@@ -215,6 +218,64 @@ def policy_scores(data: dict, args) -> tuple[dict, dict]:
     return scores, heads
 
 
+VIEW_SHIFTS = {"up": (-2, 0), "down": (2, 0), "left": (0, -2), "right": (0, 2), "up_left": (-2, -2),
+               "down_right": (2, 2), "up_right": (-2, 2), "down_left": (2, -2), "up_3": (-3, 0), "down_3": (3, 0),
+               "left_3": (0, -3), "right_3": (0, 3)}  # (rows, columns) the second view's canvas is rolled by
+NOT_IN_DEVICE_ONNX = ("view_consistency",)  # measured here; device.onnx runs one view, so export cannot deploy it
+
+
+def view_scores(checkpoint: Path, data: dict, sizes: dict, cache: Path) -> tuple[dict, dict]:
+    """The view-consistency policy: the exit head also sees the canvas shifted by a few pixels (a
+    second device pass), and the deferral score is -(log p(c) + log p'(c)), c the exit head's class
+    on the canvas itself and p' the second view's probabilities: an answer that does not survive a
+    2-pixel shift is offloaded first. The shift is chosen on the calibration split alone (the rule of
+    :func:`select_on_calibration`, among VIEW_SHIFTS); returns ({set: scores}, details)."""
+    import torch
+
+    from splitinfer.export.data import ClutterConfig, make_canvases
+    from splitinfer.export.exit_policy import _log_softmax, normalize, offload_at_accuracy, offload_curve
+    from splitinfer.export.train import load_checkpoint
+
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
+    model, summary = load_checkpoint(checkpoint)
+    model.eval()
+    clutter = ClutterConfig(**summary["clutter"]) if "clutter" in summary else ClutterConfig()
+    sets = digit_sets()
+
+    def logits(set_name: str, shift: str) -> np.ndarray:
+        path = cache / f"view-{set_name}-{sizes[set_name]}-{SEEDS[set_name]}-{shift}-{digest}.npy"
+        if path.is_file():
+            return np.load(path)
+        x, _ = make_canvases(*sets[set_name], sizes[set_name], clutter, seed=SEEDS[set_name])
+        x = np.roll(x, VIEW_SHIFTS[shift], axis=(1, 2))
+        with torch.no_grad():
+            out = np.concatenate([model.device_forward(torch.from_numpy(normalize(x[s:s + 1000])))[0].numpy()
+                                  for s in range(0, len(x), 1000)])
+        np.save(path, out)
+        return out
+
+    def score(set_name: str, shift: str) -> np.ndarray:
+        o = data[set_name][0]
+        logp, logp_view = _log_softmax(o.exit_logits), _log_softmax(logits(set_name, shift))
+        c = o.exit_logits.argmax(1)
+        rows = np.arange(len(c))
+        return -(logp[rows, c] + logp_view[rows, c])
+
+    cal = data["calibration"][0]
+    exit_ok, server_ok = cal.exit_pred == cal.labels, cal.server_pred == cal.labels
+    acc_full = float((cal.full_pred == cal.labels).mean())
+    table = {}
+    for shift in VIEW_SHIFTS:
+        rate, acc = offload_curve(score("calibration", shift), exit_ok, server_ok)
+        at = [offload_at_accuracy(rate, acc, acc_full - d) for d in TARGET_DROPS]
+        table[shift] = float(np.mean([1.0 if np.isnan(a) else a for a in at]))
+    chosen = min(table, key=table.get)
+    return ({"calibration": score("calibration", chosen), "test": score("test", chosen)},
+            {"shift": chosen, "rolled_by": VIEW_SHIFTS[chosen], "calibration_mean_offload_rate_at_targets": table,
+             "device_passes": 2, "deployable": False,
+             "why_not_deployed": "device.onnx runs the exit head on one view; export does not build the second pass"})
+
+
 def select_on_calibration(cal, scores: dict) -> tuple[str, dict]:
     """The deployed policy, chosen on the *calibration* split alone: among max softmax and the
     policies that offload no more than it at any accuracy there (one input of slack), the fewest
@@ -232,6 +293,8 @@ def select_on_calibration(cal, scores: dict) -> tuple[str, dict]:
         excess = 0.0 if name == "max_softmax" else dominance(by_set, name, exit_ok, server_ok)["max_excess_offload_rate"]
         table[name] = {"mean_offload_rate_at_targets": float(np.mean([1.0 if np.isnan(a) else a for a in at])),
                        "max_excess_over_max_softmax": excess, "eligible": excess <= 1.0 / len(exit_ok) + 1e-12}
+        if name in NOT_IN_DEVICE_ONNX:
+            table[name].update(eligible=False, deployable=False)
     eligible = [name for name, row in table.items() if row["eligible"]]
     return min(eligible, key=lambda name: table[name]["mean_offload_rate_at_targets"]), table
 
@@ -391,7 +454,8 @@ def plot(report: dict, path: Path) -> None:
             continue
         color, ls = styles[name] if name in styles else (next(others, None), "--")
         lw = 2.0 if name in styles else 1.0
-        label = f"{name} (deployed)" if name == report["deployed_policy"] else name
+        label = f"{name} (deployed)" if name == report["deployed_policy"] else (
+            f"{name} (2 device passes, not deployed)" if name in NOT_IN_DEVICE_ONNX else name)
         line, = ax.plot(100 * x, 100 * np.asarray(c["accuracy_minus_full_model"]), color=color, ls=ls, lw=lw, label=label)
         if name in styles:
             ax.fill_between(100 * x, 100 * np.asarray(c["ci95"][0]), 100 * np.asarray(c["ci95"][1]),
@@ -452,6 +516,7 @@ def main(argv=None) -> int:
             return 0
         t0 = time.perf_counter()
         scores, heads = policy_scores(data, args)
+        scores["view_consistency"], heads["view_consistency"] = view_scores(args.checkpoint, data, sizes, args.cache)
         deployed, selection = select_on_calibration(data["calibration"][0], scores)
         report = compare(data["test"], scores, args.bootstrap, deployed)
         report["selection_on_calibration"] = {"policies": selection, "chosen": deployed}
