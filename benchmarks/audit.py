@@ -84,14 +84,10 @@ def sklearn_canvases(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return make_canvases(*sklearn_digits_28(), n, ClutterConfig(), seed=seed)
 
 
-def half_contrast(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def dimmed(n: int, seed: int, contrast: float) -> tuple[np.ndarray, np.ndarray]:
+    """Test canvases at a share of their contrast (a dimmer camera)."""
     x, y = test_canvases(n, seed)
-    return (x // 2).astype(np.uint8), y
-
-
-def contrast_40(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    x, y = test_canvases(n, seed)
-    return (x * 0.4).astype(np.uint8), y
+    return (x * contrast).astype(np.uint8), y
 
 
 def salt_10(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -111,8 +107,8 @@ def blurred(n: int, seed: int, radius: float = 0.7) -> tuple[np.ndarray, np.ndar
 
 
 SHIFTS = {  # name -> (n, seed) -> uint8 canvases (n, 64, 64), labels (n,)
-    "contrast_40": contrast_40,
-    "contrast": half_contrast,
+    "contrast_40": lambda n, seed: dimmed(n, seed, 0.4),
+    "contrast": lambda n, seed: dimmed(n, seed, 0.5),
     "blur_0.7": blurred,
     "salt_10": salt_10,
     "sklearn_digits": sklearn_canvases,

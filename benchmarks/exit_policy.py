@@ -224,30 +224,42 @@ VIEW_SHIFTS = {"up": (-2, 0), "down": (2, 0), "left": (0, -2), "right": (0, 2), 
 NOT_IN_DEVICE_ONNX = ("view_consistency",)  # measured here; device.onnx runs one view, so export cannot deploy it
 
 
+def mean_offload_at_targets(score: np.ndarray, outcomes) -> float:
+    """The offload rate a deferral score needs to reach each target accuracy on ``outcomes``, averaged
+    over the targets (an unreachable target counts as offloading everything): the calibration rule."""
+    from splitinfer.export.exit_policy import offload_at_accuracy, offload_curve
+
+    rate, acc = offload_curve(score, outcomes.exit_pred == outcomes.labels, outcomes.server_pred == outcomes.labels)
+    acc_full = float((outcomes.full_pred == outcomes.labels).mean())
+    at = [offload_at_accuracy(rate, acc, acc_full - d) for d in TARGET_DROPS]
+    return float(np.mean([1.0 if np.isnan(a) else a for a in at]))
+
+
 def view_scores(checkpoint: Path, data: dict, sizes: dict, cache: Path) -> tuple[dict, dict]:
     """The view-consistency policy: the exit head also sees the canvas shifted by a few pixels (a
     second device pass), and the deferral score is -(log p(c) + log p'(c)), c the exit head's class
     on the canvas itself and p' the second view's probabilities: an answer that does not survive a
     2-pixel shift is offloaded first. The shift is chosen on the calibration split alone (the rule of
-    :func:`select_on_calibration`, among VIEW_SHIFTS); returns ({set: scores}, details)."""
+    :func:`mean_offload_at_targets`, among VIEW_SHIFTS); returns ({set: scores}, details)."""
     import torch
 
     from splitinfer.export.data import ClutterConfig, make_canvases
-    from splitinfer.export.exit_policy import _log_softmax, normalize, offload_at_accuracy, offload_curve
+    from splitinfer.export.exit_policy import _log_softmax, normalize
     from splitinfer.export.train import load_checkpoint
 
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
     model, summary = load_checkpoint(checkpoint)
     model.eval()
     clutter = ClutterConfig(**summary["clutter"]) if "clutter" in summary else ClutterConfig()
-    sets = digit_sets()
+    sets, canvases = digit_sets(), {}
 
     def logits(set_name: str, shift: str) -> np.ndarray:
         path = cache / f"view-{set_name}-{sizes[set_name]}-{SEEDS[set_name]}-{shift}-{digest}.npy"
         if path.is_file():
             return np.load(path)
-        x, _ = make_canvases(*sets[set_name], sizes[set_name], clutter, seed=SEEDS[set_name])
-        x = np.roll(x, VIEW_SHIFTS[shift], axis=(1, 2))
+        if set_name not in canvases:  # drawn once per set, whatever the number of shifts
+            canvases[set_name] = make_canvases(*sets[set_name], sizes[set_name], clutter, seed=SEEDS[set_name])[0]
+        x = np.roll(canvases[set_name], VIEW_SHIFTS[shift], axis=(1, 2))
         with torch.no_grad():
             out = np.concatenate([model.device_forward(torch.from_numpy(normalize(x[s:s + 1000])))[0].numpy()
                                   for s in range(0, len(x), 1000)])
@@ -261,14 +273,8 @@ def view_scores(checkpoint: Path, data: dict, sizes: dict, cache: Path) -> tuple
         rows = np.arange(len(c))
         return -(logp[rows, c] + logp_view[rows, c])
 
-    cal = data["calibration"][0]
-    exit_ok, server_ok = cal.exit_pred == cal.labels, cal.server_pred == cal.labels
-    acc_full = float((cal.full_pred == cal.labels).mean())
-    table = {}
-    for shift in VIEW_SHIFTS:
-        rate, acc = offload_curve(score("calibration", shift), exit_ok, server_ok)
-        at = [offload_at_accuracy(rate, acc, acc_full - d) for d in TARGET_DROPS]
-        table[shift] = float(np.mean([1.0 if np.isnan(a) else a for a in at]))
+    table = {shift: mean_offload_at_targets(score("calibration", shift), data["calibration"][0])
+             for shift in VIEW_SHIFTS}
     chosen = min(table, key=table.get)
     return ({"calibration": score("calibration", chosen), "test": score("test", chosen)},
             {"shift": chosen, "rolled_by": VIEW_SHIFTS[chosen], "calibration_mean_offload_rate_at_targets": table,
@@ -281,17 +287,12 @@ def select_on_calibration(cal, scores: dict) -> tuple[str, dict]:
     policies that offload no more than it at any accuracy there (one input of slack), the fewest
     offloads averaged over the two target accuracies (an unreachable target counts as offloading
     everything). The test set plays no part."""
-    from splitinfer.export.exit_policy import offload_at_accuracy, offload_curve
-
     exit_ok, server_ok = cal.exit_pred == cal.labels, cal.server_pred == cal.labels
-    acc_full = float((cal.full_pred == cal.labels).mean())
     by_set = {name: s["calibration"] for name, s in scores.items()}
     table = {}
     for name, score in by_set.items():
-        rate, acc = offload_curve(score, exit_ok, server_ok)
-        at = [offload_at_accuracy(rate, acc, acc_full - d) for d in TARGET_DROPS]
         excess = 0.0 if name == "max_softmax" else dominance(by_set, name, exit_ok, server_ok)["max_excess_offload_rate"]
-        table[name] = {"mean_offload_rate_at_targets": float(np.mean([1.0 if np.isnan(a) else a for a in at])),
+        table[name] = {"mean_offload_rate_at_targets": mean_offload_at_targets(score, cal),
                        "max_excess_over_max_softmax": excess, "eligible": excess <= 1.0 / len(exit_ok) + 1e-12}
         if name in NOT_IN_DEVICE_ONNX:
             table[name].update(eligible=False, deployable=False)

@@ -59,7 +59,7 @@ import numpy as np
 
 from splitinfer.protos.calibration import clopper_pearson_upper
 
-__all__ = ["Audit", "Route", "route", "settle", "calibrated_disagreement", "calibrated_offload_rate",
+__all__ = ["Audit", "Route", "route", "settle", "calibrated_disagreement", "calibrated_offload_rate", "offload_rate_summary",
            "default_alternative", "default_offload_alternative", "audit_for",
            "DEFAULT_RATE", "DEFAULT_ALPHA", "MAX_DISAGREEMENT"]
 
@@ -223,9 +223,11 @@ class Audit:
             below = confidence < self.exit_threshold
             self.observed += 1
             self.below_threshold += below
-            self._log(self._offload, self._offload.step(below), "offload rate",
-                      f"{self.below_threshold} of {self.observed} inputs below the calibrated exit threshold, "
-                      f"calibrated rate {self._offload.p0:.4f}")
+            change = self._offload.step(below)
+            if change is not None:  # the message is built only then: this runs for every input
+                self._log(self._offload, change, "offload rate",
+                          f"{self.below_threshold} of {self.observed} inputs below the calibrated exit threshold, "
+                          f"calibrated rate {self._offload.p0:.4f}")
         return self.alarm
 
     def record(self, device_label: int, server_label: int) -> bool:
@@ -234,16 +236,18 @@ class Audit:
         disagree = int(device_label) != int(server_label)
         self.audits += 1
         self.disagreements += disagree
-        self._log(self._disagreement, self._disagreement.step(disagree), "disagreement",
-                  f"{self.disagreements} of {self.audits} audits disagree, calibrated rate {self.p0:.4f}")
+        change = self._disagreement.step(disagree)
+        if change is not None:
+            self._log(self._disagreement, change, "disagreement",
+                      f"{self.disagreements} of {self.audits} audits disagree, calibrated rate {self.p0:.4f}")
         return self.alarm
 
-    def _log(self, test: _Cusum, change: str | None, name: str, counts: str) -> None:
+    def _log(self, test: _Cusum, change: str, name: str, counts: str) -> None:
         if change == "alarm":
             log.warning("field audit: drift flagged by the %s test (%s; CUSUM %.2f >= %.2f at level alpha %.3g): "
                         "offloading every input until it is back in distribution", name, counts, test.statistic,
                         test.threshold, test.alpha)
-        elif change == "recovered":
+        else:
             log.warning("field audit: the %s test is back in distribution (%s)%s", name, counts,
                         "" if self.alarm else ": back to the calibrated exit threshold")
 
@@ -348,6 +352,15 @@ def calibrated_disagreement(manifest, delta: float = 0.05) -> float | None:
         server_error = 1.0 - (max(server_all) if server_all else cal.accuracy_full)
         rate = min(1.0, (1.0 - max(exit_all) + server_error) / cal.exit_rate)
     return clopper_pearson_upper(min(answered, int(math.ceil(rate * answered - 1e-9))), answered, delta)
+
+
+def offload_rate_summary(state: dict) -> str:
+    """The label-free test's counts for a summary line, from :meth:`Audit.state` ("" without the test)."""
+    t = state.get("offload_rate_test")
+    if t is None:
+        return ""
+    return (f"{t['below_threshold']} of {t['observed']} inputs below the calibrated exit threshold "
+            f"(calibrated rate <= {t['calibrated_offload_rate']:.4f})")
 
 
 def calibrated_offload_rate(manifest, delta: float = 0.05) -> float | None:

@@ -28,7 +28,7 @@ from splitinfer.protos.manifest import load_manifest
 
 from .audit import DEFAULT_ALPHA as DEFAULT_AUDIT_ALPHA
 from .audit import DEFAULT_RATE as DEFAULT_AUDIT_RATE
-from .audit import Audit, audit_for
+from .audit import Audit, audit_for, offload_rate_summary
 from .battery import BatteryBudget, BatteryLimit, battery_capacity
 from .controller import BudgetController, Constraints
 from .energy import DEVICE_PROFILES, LINK_PROFILES, EnergyModel, energy_label, load_energy_file, reference_energy
@@ -322,10 +322,8 @@ class _Stats:
             return
         st = audit.state()
         state = f"DRIFT ({', '.join(st['drift_tests'])}): offloading every input" if st["alarm"] else "in calibration"
-        off = st.get("offload_rate_test")
-        label_free = "" if off is None else (
-            f", {off['below_threshold']} of {off['observed']} inputs below the calibrated exit threshold "
-            f"(calibrated rate {off['calibrated_offload_rate']:.4f})")
+        label_free = offload_rate_summary(st)
+        label_free = f", {label_free}" if label_free else ""
         print(f"  audit: {st['audits']} audits, {st['disagreements']} disagreements (calibrated rate "
               f"{st['calibrated_disagreement']:.4f}){label_free}, {st['alarms']} drift alarm(s), {st['recoveries']} "
               f"recovery(ies); now {state} (audit rate {st['rate']:g}, false alarms <= alpha {st['alpha']:g})",

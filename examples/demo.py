@@ -255,11 +255,12 @@ def print_table(r: dict) -> None:
     if "off" in a:
         print(f"  field audit: off ({a['off']})")
     else:
+        from splitinfer.edge.audit import offload_rate_summary
+
+        label_free = offload_rate_summary(a)
         print(f"  field audit: {a['audits']} audits ({100 * r['audited_rate']:.1f}% of inputs, counted in the bytes), "
               f"{a['disagreements']} disagreement(s) with the server (calibrated rate <= {a['calibrated_disagreement']:.4f}); "
-              + ("" if "offload_rate_test" not in a else
-                 f"{a['offload_rate_test']['below_threshold']} of {a['offload_rate_test']['observed']} inputs below the "
-                 f"exit threshold (calibrated rate <= {a['offload_rate_test']['calibrated_offload_rate']:.4f}); ")
+              + (f"{label_free}; " if label_free else "")
               + f"{a['alarms']} drift alarm(s), false alarms <= {a['alpha']:g}")
 
 
