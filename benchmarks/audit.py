@@ -133,13 +133,14 @@ def outcomes(manifest, device, server, runner, images: np.ndarray) -> dict:
 
     parts = []
     for start in range(0, len(images), CHUNK):
-        probs, tokens, importance, _ = device_pass(manifest, device, images[start:start + CHUNK], timed=0)
+        confidence, exit_pred, tokens, importance, _ = device_pass(manifest, device, images[start:start + CHUNK],
+                                                                   timed=0)
         server_pred, nbytes, _ = offload_outcomes(runner, server, tokens, importance, None)
         whole = []
         for s in range(0, len(tokens), 250):
             batch = tokens[s:s + 250]
             whole.append(server.run(None, {"tokens": batch, "mask": np.ones(batch.shape[:2], dtype=bool)})[0].argmax(1))
-        parts.append({"confidence": probs.max(1), "device": probs.argmax(1), "server": server_pred,
+        parts.append({"confidence": confidence, "device": exit_pred, "server": server_pred,
                       "whole": np.concatenate(whole), "bytes": nbytes})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 

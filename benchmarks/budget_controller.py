@@ -47,7 +47,7 @@ class Outcomes:
     bytes: np.ndarray  # int64 (P, n)
     tokens: np.ndarray  # int64 (P, n)
     device_ms: np.ndarray  # float64 (n,), device half + preprocessing, batch 1
-    confidence: np.ndarray  # float64 (n,), the exit head's max probability
+    confidence: np.ndarray  # float64 (n,), the exit confidence (the manifest's exit policy)
     server_ms: float  # median server half time on one request
 
 
@@ -64,28 +64,23 @@ def load_sessions(manifest, threads: int = 1):
 
 
 def device_pass(manifest, device, images: np.ndarray, timed: int = 500):
-    """Device half on every image: exit probabilities (n, K), tokens (n, N, d), importance (n, P),
-    and per-input device ms (the first ``timed`` inputs measured at batch 1, the rest resampled)."""
+    """Device half on every image: exit confidence (n,) (the manifest's exit policy, as the runner
+    reads it), exit-head answers (n,), tokens (n, N, d), importance (n, P), and per-input device ms
+    (the first ``timed`` inputs measured at batch 1, the rest resampled)."""
     from splitinfer.edge.preprocess import preprocess
-    from splitinfer.edge.runner import softmax
 
     x = preprocess(images, manifest.preprocessing)
-    exit_logits, tokens, importance = [], [], []
-    for start in range(0, len(x), 250):
-        out = device.run(x[start:start + 250])
-        exit_logits.append(out.exit)
-        tokens.append(out.tokens)
-        importance.append(out.importance)
-    exit_logits = np.concatenate(exit_logits)
-    probs = np.stack([softmax(row) for row in exit_logits])
+    outs = [device.run(x[start:start + 250]) for start in range(0, len(x), 250)]
+    confidence = np.concatenate([o.confidence for o in outs]).astype(np.float64)
+    exit_pred = np.concatenate([o.exit.argmax(1) for o in outs])
     ms = []
     for img in images[:timed]:
         t0 = time.perf_counter()
         device.run(preprocess(img, manifest.preprocessing))
         ms.append((time.perf_counter() - t0) * 1e3)
-    ms = np.asarray(ms)
-    device_ms = np.resize(ms, len(images))
-    return probs, np.concatenate(tokens), np.concatenate(importance), device_ms
+    device_ms = np.resize(np.asarray(ms), len(images))
+    return (confidence, exit_pred, np.concatenate([o.tokens for o in outs]),
+            np.concatenate([o.importance for o in outs]), device_ms)
 
 
 def offload_outcomes(runner, server, tokens, importance, point):
@@ -118,8 +113,7 @@ def precompute(manifest, points, images, labels, threads: int = 1) -> Outcomes:
 
     device, server = load_sessions(manifest, threads)
     runner = EdgeRunner(device, None, manifest)
-    probs, tokens, importance, device_ms = device_pass(manifest, device, images)
-    confidence, exit_pred = probs.max(axis=1), probs.argmax(axis=1)
+    confidence, exit_pred, tokens, importance, device_ms = device_pass(manifest, device, images)
     cache: dict[tuple, tuple] = {}
     correct = np.zeros((len(points), len(images)), dtype=bool)
     nbytes = np.zeros((len(points), len(images)), dtype=np.int64)

@@ -73,7 +73,7 @@ def serve_whole_model(model_dir: Path, port_file: Path) -> int:
             elif kind == b"d":
                 body = zstandard.ZstdDecompressor(dict_data=zdict).decompress(body)
             raw = body.decode("utf-8")
-        tokens = device.run(front(raw)).tokens
+        tokens = device.run(front(raw), second_view=False).tokens
         out = server_half.run(None, {graphs.TOKENS: tokens, graphs.MASK: np.ones(tokens.shape[:2], bool)})[0]
         return int(out[0].argmax()).to_bytes(2, "little")
 
@@ -141,7 +141,7 @@ def whole_model_local(manifest, raws, labels, energy) -> tuple[dict, np.ndarray,
     ms, mj, full_ok, exit_ok = [], [], [], []
     for raw, y in zip(raws, labels):
         e0, t0 = meter.read(), time.perf_counter()
-        out = device.run(front(raw))
+        out = device.run(front(raw), second_view=False)
         logits = server.run(None, {graphs.TOKENS: out.tokens, graphs.MASK: np.ones(out.tokens.shape[:2], bool)})[0]
         ms.append((time.perf_counter() - t0) * 1e3)
         mj.append(meter.mj_between(e0, meter.read()))

@@ -15,11 +15,12 @@
    (export/exit_policy.py DeferralHead): on the exit logits only, on hidden states + exit logits
    (``deferral_head``), and the same trained on perturbed training digits (random affine maps, a
    stand-in for digit shapes the model has not memorised: ``deferral_head_perturbed``), and view
-   consistency (``view_consistency``: a second device pass on the canvas rolled by a few pixels, the
-   shift chosen on the calibration split; offload first the answers that do not survive it). The
-   oracle offloads exactly the inputs the server fixes. The deployed policy (``learned`` in the
-   JSON) is the one with the fewest offloads at the two target accuracies on the *calibration*
-   split, among those device.onnx can run (view consistency needs two passes: measured, not deployed).
+   consistency (``view_consistency``: device.onnx's second view, the canvas rolled by 2 px up and
+   left, export/exit_score.py; offload first the answers that do not survive it). The oracle
+   offloads exactly the inputs the server fixes. The deployed policy (``learned`` in the JSON) is
+   the one ``splitinfer-export export`` deploys by default (view consistency on images, max softmax
+   on text); a rule run on the *calibration* split alone (fewest offloads at the two targets among
+   the policies never above max softmax) is reported beside it as a check.
 4. On the test canvases, each policy's curve: offloading its top-k inputs for every k. At accuracy
    ``accuracy_full_model - 0.005`` and ``- 0.002`` (whole model on the same canvases): the smallest
    offload rate whose accuracy reaches the target, its ratio to the oracle's, 95% intervals from a
@@ -174,9 +175,11 @@ def text_report(model_dir: Path, resamples: int) -> dict:
     for set_name, outcomes in (("calibration", cal), ("test", test)):
         for name, value in post_hoc_scores(outcomes.exit_logits, temperature).items():
             scores.setdefault(name, {})[set_name] = value
-    deployed, selection = select_on_calibration(cal, scores)
+    chosen, selection = select_on_calibration(cal, scores)
+    deployed = EXPORT_DEFAULT["text"]
     report = compare((test, np.arange(len(test))), scores, resamples, deployed, model="text")
-    report["selection_on_calibration"] = {"policies": selection, "chosen": deployed}
+    report["selection_on_calibration"] = {"policies": selection, "chosen": chosen,
+                                          "agrees_with_export_default": chosen == deployed}
     report["setup"] = {"model_dir": str(model_dir), "n_calibration": len(cal), "temperature": temperature,
                        "bootstrap": {"resamples": resamples, "unit": "test article"},
                        "seconds": round(time.perf_counter() - t0, 1)}
@@ -221,7 +224,11 @@ def policy_scores(data: dict, args) -> tuple[dict, dict]:
 VIEW_SHIFTS = {"up": (-2, 0), "down": (2, 0), "left": (0, -2), "right": (0, 2), "up_left": (-2, -2),
                "down_right": (2, 2), "up_right": (-2, 2), "down_left": (2, -2), "up_3": (-3, 0), "down_3": (3, 0),
                "left_3": (0, -3), "right_3": (0, 3)}  # (rows, columns) the second view's canvas is rolled by
-NOT_IN_DEVICE_ONNX = ("view_consistency",)  # measured here; device.onnx runs one view, so export cannot deploy it
+
+
+# What ``splitinfer-export export --exit-policy auto`` deploys (export/exit_score.py exit_spec_for):
+# the policy the JSON reports as ``learned``.
+EXPORT_DEFAULT = {"image": "view_consistency", "text": "max_softmax"}
 
 
 def mean_offload_at_targets(score: np.ndarray, outcomes) -> float:
@@ -236,55 +243,54 @@ def mean_offload_at_targets(score: np.ndarray, outcomes) -> float:
 
 
 def view_scores(checkpoint: Path, data: dict, sizes: dict, cache: Path) -> tuple[dict, dict]:
-    """The view-consistency policy: the exit head also sees the canvas shifted by a few pixels (a
-    second device pass), and the deferral score is -(log p(c) + log p'(c)), c the exit head's class
-    on the canvas itself and p' the second view's probabilities: an answer that does not survive a
-    2-pixel shift is offloaded first. The shift is chosen on the calibration split alone (the rule of
-    :func:`mean_offload_at_targets`, among VIEW_SHIFTS); returns ({set: scores}, details)."""
+    """The view-consistency policy as device.onnx computes it (export/exit_score.py ``device_pass``:
+    the exit head also sees the canvas rolled by a few pixels; confidence sqrt(p(c) p'(c))), deferral
+    score -log(confidence), with export's default shift. Beside it, the calibration split's own
+    choice among VIEW_SHIFTS (the rule of :func:`mean_offload_at_targets`), which should be that
+    default; returns ({set: scores}, details)."""
     import torch
 
+    from splitinfer.export.adapters import SplitModel
+    from splitinfer.export.adapters.vit import BuiltinViT
     from splitinfer.export.data import ClutterConfig, make_canvases
-    from splitinfer.export.exit_policy import _log_softmax, normalize
+    from splitinfer.export.exit_policy import normalize
+    from splitinfer.export.exit_score import DEFAULT_VIEW_SHIFT, device_pass, exit_spec_for
     from splitinfer.export.train import load_checkpoint
 
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]
-    model, summary = load_checkpoint(checkpoint)
-    model.eval()
+    vit, summary = load_checkpoint(checkpoint)
+    model = SplitModel(BuiltinViT(vit.eval()), vit.cfg.split).eval()
     clutter = ClutterConfig(**summary["clutter"]) if "clutter" in summary else ClutterConfig()
     sets, canvases = digit_sets(), {}
 
-    def logits(set_name: str, shift: str) -> np.ndarray:
-        path = cache / f"view-{set_name}-{sizes[set_name]}-{SEEDS[set_name]}-{shift}-{digest}.npy"
+    def score(set_name: str, shift: tuple[int, int]) -> np.ndarray:
+        path = cache / f"view-confidence-{set_name}-{sizes[set_name]}-{SEEDS[set_name]}-{shift[0]}_{shift[1]}-{digest}.npy"
         if path.is_file():
-            return np.load(path)
+            return -np.log(np.load(path))
         if set_name not in canvases:  # drawn once per set, whatever the number of shifts
-            canvases[set_name] = make_canvases(*sets[set_name], sizes[set_name], clutter, seed=SEEDS[set_name])[0]
-        x = np.roll(canvases[set_name], VIEW_SHIFTS[shift], axis=(1, 2))
+            canvases[set_name] = normalize(make_canvases(*sets[set_name], sizes[set_name], clutter,
+                                                         seed=SEEDS[set_name])[0])
+        spec, x = exit_spec_for(model, "view_consistency", shift), canvases[set_name]
         with torch.no_grad():
-            out = np.concatenate([model.device_forward(torch.from_numpy(normalize(x[s:s + 1000])))[0].numpy()
-                                  for s in range(0, len(x), 1000)])
-        np.save(path, out)
-        return out
+            conf = np.concatenate([device_pass(model, {"image": torch.from_numpy(x[s:s + 1000])}, spec)[4].double().numpy()
+                                   for s in range(0, len(x), 1000)])
+        cache.mkdir(parents=True, exist_ok=True)
+        np.save(path, conf)
+        return -np.log(conf)
 
-    def score(set_name: str, shift: str) -> np.ndarray:
-        o = data[set_name][0]
-        logp, logp_view = _log_softmax(o.exit_logits), _log_softmax(logits(set_name, shift))
-        c = o.exit_logits.argmax(1)
-        rows = np.arange(len(c))
-        return -(logp[rows, c] + logp_view[rows, c])
-
-    table = {shift: mean_offload_at_targets(score("calibration", shift), data["calibration"][0])
-             for shift in VIEW_SHIFTS}
+    table = {name: mean_offload_at_targets(score("calibration", shift), data["calibration"][0])
+             for name, shift in VIEW_SHIFTS.items()}
     chosen = min(table, key=table.get)
-    return ({"calibration": score("calibration", chosen), "test": score("test", chosen)},
-            {"shift": chosen, "rolled_by": VIEW_SHIFTS[chosen], "calibration_mean_offload_rate_at_targets": table,
-             "device_passes": 2, "deployable": False,
-             "why_not_deployed": "device.onnx runs the exit head on one view; export does not build the second pass"})
+    default = next(name for name, shift in VIEW_SHIFTS.items() if shift == DEFAULT_VIEW_SHIFT)
+    return ({"calibration": score("calibration", DEFAULT_VIEW_SHIFT), "test": score("test", DEFAULT_VIEW_SHIFT)},
+            {"shift": default, "rolled_by": DEFAULT_VIEW_SHIFT, "calibration_choice": chosen,
+             "calibration_mean_offload_rate_at_targets": table, "device_passes": 2,
+             "device_onnx": "export --exit-policy auto (the default for image classifiers)"})
 
 
 def select_on_calibration(cal, scores: dict) -> tuple[str, dict]:
-    """The deployed policy, chosen on the *calibration* split alone: among max softmax and the
-    policies that offload no more than it at any accuracy there (one input of slack), the fewest
+    """The calibration split's own choice of policy (a check on export's default): among max softmax
+    and the policies that offload no more than it at any accuracy there (one input of slack), the fewest
     offloads averaged over the two target accuracies (an unreachable target counts as offloading
     everything). The test set plays no part."""
     exit_ok, server_ok = cal.exit_pred == cal.labels, cal.server_pred == cal.labels
@@ -294,8 +300,6 @@ def select_on_calibration(cal, scores: dict) -> tuple[str, dict]:
         excess = 0.0 if name == "max_softmax" else dominance(by_set, name, exit_ok, server_ok)["max_excess_offload_rate"]
         table[name] = {"mean_offload_rate_at_targets": mean_offload_at_targets(score, cal),
                        "max_excess_over_max_softmax": excess, "eligible": excess <= 1.0 / len(exit_ok) + 1e-12}
-        if name in NOT_IN_DEVICE_ONNX:
-            table[name].update(eligible=False, deployable=False)
     eligible = [name for name, row in table.items() if row["eligible"]]
     return min(eligible, key=lambda name: table[name]["mean_offload_rate_at_targets"]), table
 
@@ -455,8 +459,7 @@ def plot(report: dict, path: Path) -> None:
             continue
         color, ls = styles[name] if name in styles else (next(others, None), "--")
         lw = 2.0 if name in styles else 1.0
-        label = f"{name} (deployed)" if name == report["deployed_policy"] else (
-            f"{name} (2 device passes, not deployed)" if name in NOT_IN_DEVICE_ONNX else name)
+        label = f"{name} (deployed)" if name == report["deployed_policy"] else name
         line, = ax.plot(100 * x, 100 * np.asarray(c["accuracy_minus_full_model"]), color=color, ls=ls, lw=lw, label=label)
         if name in styles:
             ax.fill_between(100 * x, 100 * np.asarray(c["ci95"][0]), 100 * np.asarray(c["ci95"][1]),
@@ -518,9 +521,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         scores, heads = policy_scores(data, args)
         scores["view_consistency"], heads["view_consistency"] = view_scores(args.checkpoint, data, sizes, args.cache)
-        deployed, selection = select_on_calibration(data["calibration"][0], scores)
+        chosen, selection = select_on_calibration(data["calibration"][0], scores)
+        deployed = EXPORT_DEFAULT["image"]
         report = compare(data["test"], scores, args.bootstrap, deployed)
-        report["selection_on_calibration"] = {"policies": selection, "chosen": deployed}
+        report["selection_on_calibration"] = {"policies": selection, "chosen": chosen,
+                                              "agrees_with_export_default": chosen == deployed}
         report["deployed"] = [deploy(data["calibration"][0], data["test"][0], scores, epsilon) for epsilon in (0.005, 0.01)]
         report["setup"] = {
             "checkpoint": str(args.checkpoint.relative_to(ROOT) if args.checkpoint.is_relative_to(ROOT) else args.checkpoint),

@@ -84,7 +84,7 @@ def build_requests(model_dir: Path, n: int) -> tuple[list[bytes], list[bytes], d
     images, _labels = make_split("test", n=n)
     pruned, full, pruned_tokens = [], [], []
     for i, image in enumerate(images):
-        _exit, tokens, importance = session.run(runner.front_end(image))  # (1, N, d), (1, P)
+        tokens, importance = session.run(runner.front_end(image))[1:3]  # (1, N, d), (1, P)
         request = runner.build_request(tokens[0], importance[0], request_id=f"load-{i}")
         pruned.append(request.SerializeToString())
         pruned_tokens.append(request.packet.num_tokens)

@@ -298,7 +298,7 @@ FREE_AUDIT = Route(offload=True, answer="server", compare=True)
 
 
 def route(confidence: float | None, threshold: float, audit: Audit | None) -> Route:
-    """The exit decision for one input. confidence: the exit head's max softmax (None: the model
+    """The exit decision for one input. confidence: the exit confidence (None: the model
     cannot exit, e.g. an embedding model). threshold: the calibrated exit threshold of the operating
     point in use. audit: the field audit, or None when it is off.
 

@@ -360,7 +360,9 @@ class EnergyReference:
 
 def measure_reference(manifest, device_run: Callable[[dict], object], inputs: dict, meter: DeviceEnergyMeter,
                       repeats: int = 50, warmup: int = 5) -> EnergyReference:
-    """Measure :class:`EnergyReference` on ``inputs`` (device inputs of one real input)."""
+    """Measure :class:`EnergyReference` on ``inputs`` (device inputs of one real input): the whole
+    model on the device, so ``device_run(inputs, second_view=False)`` (a
+    :meth:`~splitinfer.edge.session.DeviceSession.run`) skips an exit policy's second view."""
     import numpy as np
     import onnxruntime as ort
 
@@ -373,12 +375,12 @@ def measure_reference(manifest, device_run: Callable[[dict], object], inputs: di
     opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     server = ort.InferenceSession(str(manifest.server_path), opts, providers=["CPUExecutionProvider"])
-    tokens = device_run(inputs)[1]
+    tokens = device_run(inputs, second_view=False)[1]
     feed = {graphs.TOKENS: tokens, graphs.MASK: np.ones(tokens.shape[:2], dtype=bool)}
     device, rest = [], []
     for i in range(warmup + repeats):
         before = meter.read()
-        device_run(inputs)
+        device_run(inputs, second_view=False)
         middle = meter.read()
         server.run(None, feed)
         after = meter.read()

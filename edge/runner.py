@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from splitinfer.protos.points import OperatingPoint
 
     from .controller import BudgetController
+    from .session import DeviceOutputs
 
 __all__ = ["DECIDED_ON", "FAILURES", "OffloadPolicy", "EdgeResult", "EdgeRunner", "classify_failure", "softmax"]
 
@@ -76,16 +77,17 @@ def classify_failure(exc: BaseException) -> str:
 
 
 class DeviceHalf(Protocol):
-    """What the runner needs from a session: device inputs -> (exit output, tokens, importance)."""
+    """What the runner needs from a session: device inputs -> (exit output, tokens, importance,
+    exit confidence (B,) or None) as :class:`~splitinfer.edge.session.DeviceOutputs`."""
 
-    def run(self, inputs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def run(self, inputs: dict) -> "DeviceOutputs": ...
 
 
 @dataclass(frozen=True)
 class OffloadPolicy:
     """When to offload and how much to send.
 
-    exit_threshold: answer on the device when the exit head's max softmax probability is >= this
+    exit_threshold: answer on the device when the exit confidence (the manifest's exit policy) is >= this
     (0 = always on the device; above 1 = always offload). mass: share of the importance mass the
     selected tokens cover, in (0, 1]. budget: most tokens sent (CLS comes in addition).
     min_tokens: fewest tokens sent.
@@ -123,8 +125,9 @@ class OffloadPolicy:
 class EdgeResult:
     """The edge's answer for one input.
 
-    Classifiers: label (class index), class_name, confidence (probability of ``label``),
-    probabilities (softmax, one per class). Embedding models: embedding (D,), label None.
+    Classifiers: label (class index), class_name, confidence (answered on the device: the exit
+    policy's confidence, which the exit threshold applies to; by the server: the probability of
+    ``label``), probabilities (softmax, one per class). Embedding models: embedding (D,), label None.
     decided_on: "device" (exit head, nothing sent), "server" (the server half's answer) or
     "degraded" (the exit head's answer after the offload failed; ``error`` says why and
     ``failure`` is "outage", "misconfiguration" or "server_error"). bytes_sent: serialized size of
@@ -220,6 +223,9 @@ class EdgeRunner:
         front_end: FrontEnd | None = None,
         audit: Audit | None = None,
     ) -> None:
+        if manifest.exit.score not in ("max_softmax", "none") and getattr(session, "has_exit_confidence", True) is False:
+            raise ManifestError(f"the manifest's exit policy {manifest.exit.score!r} needs a device half with the "
+                                "exit_confidence output; this session's graph lacks it")
         self.session = session
         self.transport = transport
         self.manifest = manifest
@@ -277,12 +283,12 @@ class EdgeRunner:
         """Device inputs (graph names -> arrays, batch 1) -> EdgeResult."""
         start = self._clock() if start is None else start
         policy, _ = self._settings(chosen)
-        exit_out, tokens, importance = self.session.run(inputs)
-        self._check_device_outputs(exit_out, tokens, importance)
+        exit_out, tokens, importance, confidence = self.session.run(inputs)
+        self._check_device_outputs(exit_out, tokens, importance, confidence)
         device_done = self._clock()
         device_mj = self.meter.mj_between(energy_before, self.meter.read()) if self.meter is not None else 0.0
         device_ms = (device_done - start) * 1e3
-        local = self._answer(exit_out[0])
+        local = self._answer(exit_out[0], None if confidence is None else float(confidence[0]))
         point_id = None if chosen is None else chosen.id
         n_tokens = int(tokens.shape[1])
         if self.controller is not None:
@@ -380,7 +386,8 @@ class EdgeRunner:
             self.controller.update(point, RequestCost.from_result(result, point))
         return result
 
-    def _check_device_outputs(self, exit_out: np.ndarray, tokens: np.ndarray, importance: np.ndarray) -> None:
+    def _check_device_outputs(self, exit_out: np.ndarray, tokens: np.ndarray, importance: np.ndarray,
+                              confidence: np.ndarray | None) -> None:
         m = self.manifest
         n = tokens.shape[1] if tokens.ndim == 3 else -1
         if m.input.kind == "image" and n != m.num_tokens or not 1 <= n <= m.num_tokens:
@@ -389,20 +396,23 @@ class EdgeRunner:
         expected = {"tokens": (tokens, (1, n, m.dim)), "importance": (importance, (1, n - 1))}
         if m.task == "classification":
             expected["exit_logits"] = (exit_out, (1, len(m.classes)))
+            expected["exit_confidence"] = (confidence, (1,))
         elif exit_out.ndim != 2 or exit_out.shape[0] != 1:
             raise ManifestError(f"device half exit embedding has shape {exit_out.shape}, expected (1, D)")
         for name, (value, shape) in expected.items():
             if np.shape(value) != shape:
                 raise ManifestError(f"device half output {name} has shape {np.shape(value)}, the manifest implies {shape}")
 
-    def _answer(self, out: np.ndarray) -> dict:
-        """The device's own answer as EdgeResult fields."""
+    def _answer(self, out: np.ndarray, confidence: float | None) -> dict:
+        """The device's own answer as EdgeResult fields (confidence: the exit policy's)."""
         if self.task == "embedding":
             return {"label": None, "class_name": None, "confidence": None, "probabilities": (),
                     "embedding": tuple(float(v) for v in np.asarray(out, dtype=np.float32))}
         probs = softmax(out)
         label = int(np.argmax(probs))
-        return {"label": label, "class_name": self.manifest.classes[label], "confidence": float(probs[label]),
+        if not (confidence is not None and 0.0 <= confidence <= 1.0 + 1e-6):
+            raise ManifestError(f"device half exit confidence is {confidence!r}, expected a number in [0, 1]")
+        return {"label": label, "class_name": self.manifest.classes[label], "confidence": confidence,
                 "probabilities": tuple(float(p) for p in probs)}
 
     def _check_response(self, response: pb.InferResponse, request_id: str, width: int) -> dict:

@@ -77,12 +77,16 @@ class DeviceOutputs(NamedTuple):
 
     exit: float32 (B, K) exit logits, or (B, D) an exit embedding. tokens: float32 (B, N, d), CLS at
     index 0 (d: the bottleneck width when one is deployed). importance: float32 (B, N - 1), each
-    row sums to 1 over real tokens.
+    row sums to 1 over real tokens. confidence: classifiers' exit confidence (B,), which the exit
+    threshold applies to: the graph's ``exit_confidence`` output (the manifest's exit policy), or
+    for a device half exported before that output existed the max softmax of the exit logits; None
+    for embedding models.
     """
 
     exit: np.ndarray
     tokens: np.ndarray
     importance: np.ndarray
+    confidence: np.ndarray | None
 
 
 class DeviceSession:
@@ -102,6 +106,7 @@ class DeviceSession:
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile...)
             raise ManifestError(f"{path}: ONNX Runtime cannot load the device half: {exc}") from exc
         inputs = {i.name: i for i in self._session.get_inputs()}
+        self.has_second_view = inputs.pop(graphs.SECOND_VIEW, None) is not None
         outputs = [o.name for o in self._session.get_outputs()]
         kinds = [k for k in ("image", "text") if set(graphs.device_inputs(k)) == set(inputs)]
         exits = [n for n in (graphs.EXIT_LOGITS, graphs.EXIT_EMBEDDING) if n in outputs]
@@ -114,6 +119,9 @@ class DeviceSession:
         self.input_kind = kinds[0]
         self.input_names = graphs.device_inputs(self.input_kind)
         self.output_names = [exits[0], graphs.TOKENS, graphs.IMPORTANCE]
+        self.has_exit_confidence = exits[0] == graphs.EXIT_LOGITS and graphs.EXIT_CONFIDENCE in outputs
+        if self.has_exit_confidence:
+            self.output_names.append(graphs.EXIT_CONFIDENCE)
         self.input_shapes = {n: tuple(inputs[n].shape) for n in self.input_names}
         self.input_shape = self.input_shapes[self.input_names[0]]  # e.g. ('batch', 1, 64, 64)
         self.choice: DeviceHalfChoice | None = None
@@ -128,12 +136,16 @@ class DeviceSession:
         """
         choice = choose_device_half(manifest, device_half, options)
         session = choice.session if choice.session is not None else cls(device_half_path(manifest, choice.half), options)
+        if manifest.exit.score not in ("max_softmax", "none") and not session.has_exit_confidence:
+            raise ManifestError(f"{session.path}: the manifest's exit policy {manifest.exit.score!r} needs the device "
+                                f"half's {graphs.EXIT_CONFIDENCE!r} output, which this graph lacks")
         session.choice = choice
         return session
 
-    def run(self, inputs: dict | np.ndarray) -> DeviceOutputs:
+    def run(self, inputs: dict | np.ndarray, second_view: bool = True) -> DeviceOutputs:
         """The device inputs (a dict by graph input name; an image half also takes the float32
-        (B, C, H, W) array alone) -> DeviceOutputs."""
+        (B, C, H, W) array alone) -> DeviceOutputs. second_view=False runs a view-consistency half
+        on one view (a whole-model baseline; its confidence is then max softmax, not the policy's)."""
         if not isinstance(inputs, dict):
             inputs = {self.input_names[0]: inputs}
         if set(inputs) != set(self.input_names):
@@ -148,8 +160,15 @@ class DeviceSession:
             if x.ndim != len(shape) or any(isinstance(w, int) and w != g for w, g in zip(shape, x.shape)):
                 raise ValueError(f"device input {name} shape {x.shape} does not fit the model's {shape}")
             feed[name] = x
-        exit_out, tokens, importance = self._session.run(self.output_names, feed)
-        return DeviceOutputs(exit_out, tokens, importance)
+        if self.has_second_view:
+            feed[graphs.SECOND_VIEW] = np.array(bool(second_view))
+        exit_out, tokens, importance, *confidence = self._session.run(self.output_names, feed)
+        if confidence:
+            return DeviceOutputs(exit_out, tokens, importance, confidence[0])
+        if self.output_names[0] == graphs.EXIT_LOGITS:  # exported before exit_confidence: max softmax
+            z = np.exp(exit_out - exit_out.max(axis=-1, keepdims=True))
+            return DeviceOutputs(exit_out, tokens, importance, (1.0 / z.sum(axis=-1)).astype(np.float32))
+        return DeviceOutputs(exit_out, tokens, importance, None)
 
 
 @dataclass(frozen=True)

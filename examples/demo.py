@@ -60,7 +60,7 @@ def run_full_model_locally(manifest, images: np.ndarray, threads: int) -> tuple[
     preds, ms, exit_preds = [], [], []
     for img in images:
         t0 = time.perf_counter()
-        exit_logits, tokens, _ = device.run(preprocess(img, manifest.preprocessing))
+        exit_logits, tokens, _, _ = device.run(preprocess(img, manifest.preprocessing), second_view=False)
         logits = server.run(None, {"tokens": tokens, "mask": np.ones(tokens.shape[:2], dtype=bool)})[0]
         ms.append((time.perf_counter() - t0) * 1e3)
         preds.append(int(logits[0].argmax()))
@@ -75,7 +75,7 @@ def fp32_all_tokens_bytes(manifest, image: np.ndarray) -> int:
     from splitinfer.protos import CodecConfig, encode_tokens
     from splitinfer.protos import splitinfer_pb2 as pb
 
-    _, tokens, _ = DeviceSession.from_manifest(manifest).run(preprocess(image, manifest.preprocessing))
+    tokens = DeviceSession.from_manifest(manifest).run(preprocess(image, manifest.preprocessing)).tokens
     packet = encode_tokens(tokens[0], np.arange(tokens.shape[1]), CodecConfig("fp32", "none"))
     request = pb.InferRequest(model=manifest.name, manifest_sha256=manifest.sha256, request_id="0" * 32, packet=packet)
     return request.ByteSize()

@@ -82,6 +82,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="tolerated accuracy loss against the whole model, certified by Learn-then-Test (default 0.02)")
     p.add_argument("--delta", type=float, default=0.1,
                    help="the certificate holds with probability >= 1 - delta over the calibration draw (default 0.1)")
+    p.add_argument("--exit-policy", choices=("auto", "max_softmax", "view_consistency"), default="auto",
+                   help="the device's exit confidence: view_consistency (the exit head also sees the image rolled "
+                        "by --view-shift; image classifiers), max_softmax; auto: view_consistency for images, "
+                        "max_softmax for text")
+    p.add_argument("--view-shift", default=None, metavar="ROWS,COLS",
+                   help="with view_consistency: pixels the second view is rolled by (default -2,-2)")
     p.add_argument("--calibration-size", type=int, default=None, help="calibration inputs (default: the whole split)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="also write an INT8 device half (static, calibrated; QDQ and QOperator tried) beside the float one")
@@ -185,8 +191,21 @@ def load_heads(model, blob: dict) -> None:
     model.eval()
 
 
+def _view_shift(args: argparse.Namespace) -> dict:
+    if args.view_shift is None:
+        return {}
+    if args.exit_policy not in ("auto", "view_consistency"):
+        raise ValueError(f"--view-shift applies to --exit-policy view_consistency, not {args.exit_policy}")
+    try:
+        rows, cols = (int(v) for v in args.view_shift.split(","))
+    except ValueError:
+        raise ValueError(f"--view-shift must be ROWS,COLS (two integers), got {args.view_shift!r}") from None
+    return {"view_shift": (rows, cols)}
+
+
 def _export(args: argparse.Namespace) -> int:
     from .datasets import default_data, load_dataset
+    from .exit_score import exit_spec_for
     from .pipeline import ExportOptions, export_split_model
 
     model = build_split_model(args)
@@ -200,8 +219,10 @@ def _export(args: argparse.Namespace) -> int:
                             budget=auto(args.budget, int), bottleneck=auto(args.bottleneck, int),
                             encoding=args.encoding, max_accuracy_drop=args.max_accuracy_drop,
                             epsilon=args.epsilon, delta=args.delta,
-                            calibration_size=args.calibration_size, quantize=args.quantize, plot=not args.no_plot)
+                            calibration_size=args.calibration_size, quantize=args.quantize, plot=not args.no_plot,
+                            exit_policy=args.exit_policy, **_view_shift(args))
     options.space_for(model)  # an option the model cannot take fails before any data is read
+    exit_spec_for(model, options.exit_policy, options.view_shift)
     if args.triton_provider is not None and args.triton is None:
         raise ValueError("--triton-provider applies with --triton DIR")
     if args.triton_provider is not None:
@@ -216,7 +237,8 @@ def _export(args: argparse.Namespace) -> int:
     manifest = export_split_model(model, args.out, options, calibration)
     c = manifest.calibration
     report = {"model_dir": str(args.out), "name": manifest.name, "version": manifest.version, "task": manifest.task,
-              "split": manifest.split, "bottleneck": manifest.bottleneck, "exit_threshold": manifest.exit.threshold,
+              "split": manifest.split, "bottleneck": manifest.bottleneck, "exit_policy": manifest.exit.score,
+              "exit_threshold": manifest.exit.threshold,
               "data": c.data, "n": c.n, "accuracy_full": c.accuracy_full, "accuracy_split": c.accuracy_split,
               "exit_rate": c.exit_rate, "mean_bytes_per_request": c.mean_bytes_per_request,
               "guarantee": c.guarantee.to_json(), "files": sorted(manifest.files),

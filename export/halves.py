@@ -19,7 +19,9 @@ import torch
 import torch.nn as nn
 
 from ..protos import graphs
+from ..protos.manifest import ExitSpec
 from .adapters.split import SplitModel
+from .exit_score import device_pass, exit_spec_for
 
 __all__ = ["export_halves", "verify_parity", "ParityError", "IR_VERSION_FOR_OPSET"]
 
@@ -34,18 +36,20 @@ class ParityError(RuntimeError):
 
 
 class DeviceHalf(nn.Module):
-    """inputs (graphs.device_inputs) -> exit output, tokens (B, N, d or w), importance (B, N - 1)."""
+    """inputs (graphs.device_inputs) -> exit output, tokens (B, N, d or w), importance (B, N - 1), and
+    for classifiers the exit confidence (B,) of ``exit`` (default: the model's ``auto`` policy)."""
 
-    def __init__(self, model: SplitModel, width: int | None = None):
+    def __init__(self, model: SplitModel, width: int | None = None, exit: ExitSpec | None = None):
         super().__init__()
         self.model, self.names = model, graphs.device_inputs(model.backbone.input_kind)
         self.bottleneck = model.bottleneck(width)
+        self.exit = exit_spec_for(model) if exit is None else exit
 
     def forward(self, *args):
-        exit_out, tokens, importance, _ = self.model.device_forward(dict(zip(self.names, args)))
+        exit_out, tokens, importance, _, confidence = device_pass(self.model, dict(zip(self.names, args)), self.exit)
         if self.bottleneck is not None:
             tokens = self.bottleneck.encode(tokens)
-        return exit_out, tokens, importance
+        return (exit_out, tokens, importance) if confidence is None else (exit_out, tokens, importance, confidence)
 
 
 class ServerHalf(nn.Module):
@@ -81,8 +85,74 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
     onnx.save(proto, str(path))
 
 
-def export_halves(model: SplitModel, out_dir: Path, opset: int = 17, width: int | None = None) -> tuple[Path, Path]:
-    """Write out_dir/device.onnx and out_dir/server.onnx (checked by the ONNX checker)."""
+def _skip_identities(g) -> None:
+    """Read initializers directly instead of through Identity nodes (the exporter writes one per
+    parameter equal to another): ONNX Runtime removes them itself, and warns when a subgraph reads
+    one, where it cannot rename it."""
+    initializers = {i.name for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    rename = {n.output[0]: n.input[0] for n in g.node
+              if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs}
+    if not rename:
+        return
+    kept = [n for n in g.node if not (n.op_type == "Identity" and n.output and n.output[0] in rename)]
+    for node in kept:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+    del g.node[:]
+    g.node.extend(kept)
+
+
+def _gate_second_view(path: Path, opset: int) -> None:
+    """Put device.onnx's second-view branch (the nodes only ``exit_confidence`` needs) under an If on
+    the boolean input ``second_view``: the edge feeds true and runs the policy it was calibrated
+    with; a whole-model baseline feeds false and runs one view (the else branch is max softmax of
+    the exit logits, which the manifest's threshold does not apply to). ONNX Runtime runs every node
+    of a graph whatever outputs are asked for, so the branch needs the If to be skipped."""
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(str(path))
+    g = proto.graph
+    _skip_identities(g)
+    producer = {out: node for node in g.node for out in node.output}
+
+    def ancestors(names) -> set[int]:
+        seen, stack = set(), list(names)
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and id(node) not in seen:
+                seen.add(id(node))
+                stack.extend(node.input)
+        return seen
+
+    main = ancestors([o.name for o in g.output if o.name != graphs.EXIT_CONFIDENCE])
+    branch = [n for n in g.node if id(n) in ancestors([graphs.EXIT_CONFIDENCE]) - main]
+    inner = graphs.EXIT_CONFIDENCE + "_views"
+    for node in branch:
+        node.output[:] = [inner if o == graphs.EXIT_CONFIDENCE else o for o in node.output]
+    out_type = next(o for o in g.output if o.name == graphs.EXIT_CONFIDENCE).type
+    then_graph = helper.make_graph(branch, "second_view", [], [helper.make_value_info(inner, out_type)])
+    probs, one_view = graphs.EXIT_CONFIDENCE + "_probs", graphs.EXIT_CONFIDENCE + "_one_view"
+    if opset >= 18:
+        axes = helper.make_node("Constant", [], ["reduce_axes"], value=helper.make_tensor("a", TensorProto.INT64, [1], [-1]))
+        reduce = [axes, helper.make_node("ReduceMax", [probs, "reduce_axes"], [one_view], keepdims=0)]
+    else:
+        reduce = [helper.make_node("ReduceMax", [probs], [one_view], axes=[-1], keepdims=0)]
+    else_graph = helper.make_graph([helper.make_node("Softmax", [graphs.EXIT_LOGITS], [probs], axis=-1), *reduce],
+                                   "one_view", [], [helper.make_value_info(one_view, out_type)])
+    gate = helper.make_node("If", [graphs.SECOND_VIEW], [graphs.EXIT_CONFIDENCE], then_branch=then_graph,
+                            else_branch=else_graph)
+    nodes = [n for n in g.node if id(n) not in {id(b) for b in branch}] + [gate]
+    del g.node[:]
+    g.node.extend(nodes)
+    g.input.append(helper.make_tensor_value_info(graphs.SECOND_VIEW, TensorProto.BOOL, []))
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def export_halves(model: SplitModel, out_dir: Path, opset: int = 17, width: int | None = None,
+                  exit: ExitSpec | None = None) -> tuple[Path, Path]:
+    """Write out_dir/device.onnx and out_dir/server.onnx (checked by the ONNX checker); device.onnx
+    computes the confidence of ``exit`` (default: the model's ``auto`` exit policy)."""
     model.eval()
     out_dir = Path(out_dir)
     backbone = model.backbone
@@ -93,10 +163,13 @@ def export_halves(model: SplitModel, out_dir: Path, opset: int = 17, width: int 
     text = backbone.input_kind == "text"
     seq = {0: "batch", 1: "length"} if text else {0: "batch"}
     dyn = {n: dict(seq) for n in names}
-    dyn.update({exit_name: {0: "batch"}, graphs.TOKENS: dict(seq), graphs.IMPORTANCE: dict(seq)})
+    dyn.update({exit_name: {0: "batch"}, graphs.TOKENS: dict(seq), graphs.IMPORTANCE: dict(seq),
+                graphs.EXIT_CONFIDENCE: {0: "batch"}})
     device_path, server_path = out_dir / "device.onnx", out_dir / "server.onnx"
-    _export(DeviceHalf(model, width), tuple(example[n] for n in names), device_path, names,
+    _export(DeviceHalf(model, width, exit), tuple(example[n] for n in names), device_path, names,
             graphs.device_outputs(task), dyn, opset)
+    if DeviceHalf(model, width, exit).exit.score == "view_consistency":
+        _gate_second_view(device_path, opset)
     wire = width or backbone.dim
     tokens, mask = torch.zeros(2, 5, wire), torch.ones(2, 5, dtype=torch.bool)
     out_name = graphs.server_output(task)
@@ -115,7 +188,7 @@ def _session(path: Path) -> onnxruntime.InferenceSession:
 @torch.no_grad()
 def verify_parity(model: SplitModel, device_path: Path, server_path: Path, width: int | None = None,
                   batch_sizes: tuple[int, ...] = (1, 3), text_lengths: tuple[int, ...] = (4, 17, 40),
-                  atol: float = 1e-4, seed: int = 0) -> dict:
+                  atol: float = 1e-4, seed: int = 0, exit: ExitSpec | None = None) -> dict:
     """ORT vs torch on both halves; raise ParityError beyond ``atol``. Returns the worst |diff| per part.
 
     Device: every batch size (text: every length, ragged padding). Server: random token subsets
@@ -124,7 +197,7 @@ def verify_parity(model: SplitModel, device_path: Path, server_path: Path, width
     """
     model.eval()
     device, server = _session(device_path), _session(server_path)
-    device_half, server_half = DeviceHalf(model, width), ServerHalf(model, width)
+    device_half, server_half = DeviceHalf(model, width, exit), ServerHalf(model, width)
     names = graphs.device_inputs(model.backbone.input_kind)
     rng = np.random.default_rng(seed)
     worst = {"device": 0.0, "server": 0.0, "padding": 0.0}
@@ -134,7 +207,9 @@ def verify_parity(model: SplitModel, device_path: Path, server_path: Path, width
             if length is not None:
                 length = min(length, model.backbone.max_length)
             inputs = model.backbone.example_inputs(b, length=length, seed=int(rng.integers(1 << 30)))
-            ort_out = device.run(None, {n: inputs[n].numpy() for n in names})
+            ort_out = device.run(None, graphs.device_feed(device, {n: inputs[n].numpy() for n in names}))
+            if len(ort_out) != len(graphs.device_outputs(model.backbone.task)):
+                raise ParityError(f"device.onnx has {len(ort_out)} outputs, expected {graphs.device_outputs(model.backbone.task)}")
             torch_out = [t.numpy() for t in device_half(*(inputs[n] for n in names))]
             for a, t in zip(ort_out, torch_out):
                 worst["device"] = max(worst["device"], float(np.abs(a - t).max()))

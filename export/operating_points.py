@@ -18,13 +18,15 @@ import torch
 from ..protos import splitinfer_pb2 as pb
 from ..protos.calibration import clopper_pearson_upper, learn_then_test, split_losses
 from ..protos.codec import CodecConfig, encode_tokens
+from ..protos.manifest import ExitSpec
 from ..protos.points import pareto_front
 from .adapters.split import SplitModel
 from .datasets import Dataset
+from .exit_score import device_pass, exit_spec_for
 from .tokens import fake_quantize, select_tokens_mask, with_cls
 
 __all__ = ["SweepSpace", "Simulation", "simulate_configs", "points_for", "pareto_rows", "config_losses",
-           "certify_configs", "default_point", "plot_pareto", "NEVER_EXIT", "LTT_THRESHOLDS"]
+           "certify_configs", "default_point", "plot_pareto", "NEVER_EXIT", "LTT_THRESHOLDS", "LTT_SEQUENCES"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ NEVER_EXIT = 1.0 + 1e-6
 # Learn-then-Test's candidate exit thresholds, fixed before any data is seen and ordered from the most
 # conservative (never exit) to the least: 1 - threshold on a geometric grid from 1e-7 to 0.9.
 LTT_THRESHOLDS = np.r_[NEVER_EXIT, 1.0, 1.0 - np.geomspace(1e-7, 0.9, 300)]
+LTT_SEQUENCES = 2  # certify_configs tests each config down and up its threshold sequence
 SCALE_DTYPE = "fp16"
 COMPRESSION = "auto"
 
@@ -59,7 +62,7 @@ class SweepSpace:
 
 @dataclass
 class Simulation:
-    """Per-input outcomes on one split, arrays (n,). ``confidence``: the exit head's max softmax (0
+    """Per-input outcomes on one split, arrays (n,). ``confidence``: the exit policy's confidence (0
     for embedding models, which never exit). ``exit_correct`` / ``full_correct``: 1/0 label
     correctness of the exit head and of the whole model (classification; unlabelled data is scored
     against the whole model's own answer) or the cosine to the whole model's embedding.
@@ -130,22 +133,23 @@ def _sent(kept: torch.Tensor, encoding: str) -> torch.Tensor:
 
 @torch.no_grad()
 def simulate_configs(model: SplitModel, data: Dataset, space: SweepSpace, header: dict,
-                     batch_size: int = 250) -> Simulation:
+                     exit: ExitSpec | None = None, batch_size: int = 250) -> Simulation:
     """Run every (width, encoding, mass, budget) over ``data``. ``header``: the InferRequest's
-    model / manifest_sha256 / request_id fields as the edge sends them (their size counts)."""
+    model / manifest_sha256 / request_id fields as the edge sends them (their size counts). exit:
+    the exit policy whose confidence decides (default: the model's ``auto`` policy)."""
     model.eval()
+    exit = exit_spec_for(model) if exit is None else exit
     task = model.backbone.task
     conf, exit_c, full_c, exit_p, full_p, labels_all = [], [], [], [], [], []
     outs: dict = {}
     server_p: dict = {}
     for inputs, rows in data.batches(batch_size):
-        exit_out, tokens, importance, w = model.device_forward(inputs)
+        exit_out, tokens, importance, w, confidence = device_pass(model, inputs, exit)
         full = model.server_forward(tokens, w)
         if task == "classification":
-            probs = exit_out.softmax(-1)
             labels = torch.from_numpy(data.labels[rows]) if data.labels is not None else full.argmax(-1)
-            conf.append(probs.max(-1).values.numpy())
-            exit_p.append(probs.argmax(-1).numpy())
+            conf.append(confidence.double().numpy())
+            exit_p.append(exit_out.argmax(-1).numpy())
             full_p.append(full.argmax(-1).numpy())
             labels_all.append(labels.numpy())
         else:
@@ -207,13 +211,26 @@ def config_losses(sim: Simulation, key, thresholds) -> np.ndarray:
 
 
 def certify_configs(sim: Simulation, epsilon: float, delta: float) -> dict:
-    """Learn-then-Test for every config (width, encoding, mass, budget) of ``sim``: fixed-sequence
-    testing down :data:`LTT_THRESHOLDS` at level delta / K for K configs (Bonferroni), so with
-    probability >= 1 - delta every certified (config, threshold) keeps its loss <= epsilon at once and
-    export may deploy any of them. Classification outcomes (0/1) only. -> {config: Certificate}."""
-    level = delta / len(sim.configs)
-    return {key: learn_then_test(config_losses(sim, key, LTT_THRESHOLDS), LTT_THRESHOLDS, epsilon, level)
-            for key in sim.configs}
+    """Learn-then-Test for every config (width, encoding, mass, budget) of ``sim``, two fixed
+    sequences each: down :data:`LTT_THRESHOLDS` from "never exit" (the usual case: the exit head is
+    the weaker answer) and up from the lowest threshold (a model whose offloads lose more than its
+    exit head, such as a narrow bottleneck), each at level delta / (2 K) for K configs (Bonferroni
+    over 2 K families), so with probability >= 1 - delta every certified (config, threshold) keeps
+    its loss <= epsilon at once and export may deploy any of them. Per config the certificate is the
+    lowest certified threshold (the fewest offloads) of the downward sequence, or of the upward one
+    when the downward certifies nothing. Classification outcomes (0/1) only. -> {config: Certificate}."""
+    level = delta / (LTT_SEQUENCES * len(sim.configs))
+    out = {}
+    for key in sim.configs:
+        losses = config_losses(sim, key, LTT_THRESHOLDS)
+        cert = learn_then_test(losses, LTT_THRESHOLDS, epsilon, level)
+        if not cert.certified:
+            up = learn_then_test(losses[::-1], LTT_THRESHOLDS[::-1], epsilon, level)
+            if up.certified:  # its first candidate, the lowest threshold, passed: deploy that one
+                first = losses[-1:]
+                cert = learn_then_test(first, LTT_THRESHOLDS[-1:], epsilon, level)
+        out[key] = cert
+    return out
 
 
 def points_for(sim: Simulation, space: SweepSpace, certificates: dict | None = None,
@@ -238,9 +255,12 @@ def points_for(sim: Simulation, space: SweepSpace, certificates: dict | None = N
 def default_point(points: list[dict], max_accuracy_drop: float) -> tuple[dict, float]:
     """The default operating point among rows of :func:`points_for` and the accuracy target it met:
     the fewest mean bytes per request among the certified rows within ``max_accuracy_drop`` of the
-    most accurate certified row; with none certified, the same among the rows that never exit."""
-    candidates = [p for p in points if p["certified"]] or [p for p in points if p["threshold"] >= NEVER_EXIT]
-    target = max(p["accuracy"] for p in candidates) - max_accuracy_drop
+    most accurate certified row; with none certified, the most accurate row of all (fewest bytes
+    among equals): offloading everything when the server half is the better answer, exiting when
+    the exit head is (a narrow bottleneck can make offloads lose accuracy)."""
+    certified = [p for p in points if p["certified"]]
+    candidates = certified or points
+    target = max(p["accuracy"] for p in candidates) - (max_accuracy_drop if certified else 0.0)
     chosen = min((p for p in candidates if p["accuracy"] >= target),
                  key=lambda p: (p["mean_bytes_per_request"], -p["accuracy"], p["threshold"]))
     return chosen, target

@@ -12,6 +12,7 @@ every adapter (built-in ViT, timm, Hugging Face) and task.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -30,8 +31,9 @@ from ..protos.manifest import (Calibration, CodecSpec, ExitSpec, FileRef, Guaran
 from ..protos.points import OperatingPoint
 from .adapters.split import SplitModel
 from .datasets import Dataset
+from .exit_score import DEFAULT_VIEW_SHIFT, EXIT_POLICIES, exit_spec_for
 from .halves import IR_VERSION_FOR_OPSET, export_halves, verify_parity
-from .operating_points import COMPRESSION, NEVER_EXIT, SCALE_DTYPE, Simulation, SweepSpace, certify_configs, \
+from .operating_points import COMPRESSION, LTT_SEQUENCES, NEVER_EXIT, SCALE_DTYPE, Simulation, SweepSpace, certify_configs, \
     config_losses, default_point, pareto_rows, plot_pareto, points_for, simulate_configs
 
 __all__ = ["ExportOptions", "export_split_model", "export_checkpoint", "train_zstd_dictionary"]
@@ -56,7 +58,9 @@ class ExportOptions:
     learned bottleneck width to deploy: "auto" (the width, or none, of that point), "none", or a
     trained width. encoding: the token encoding of the
     default point ("auto" chooses like the bottleneck). mass / budget: token selection of the
-    default point ("auto" chooses too). quantize "int8": also write device.int8.onnx.
+    default point ("auto" chooses too). quantize "int8": also write device.int8.onnx. exit_policy:
+    the device's exit confidence (:mod:`splitinfer.export.exit_score`; "auto": view consistency on
+    image classifiers, max softmax on text); view_shift: the second view's roll (rows, columns).
     """
 
     name: str = "model"
@@ -72,6 +76,8 @@ class ExportOptions:
     quantize: str | None = None
     zstd_dictionary_bytes: int = 1024
     sweep: SweepSpace = SweepSpace()
+    exit_policy: str = "auto"
+    view_shift: tuple[int, int] = DEFAULT_VIEW_SHIFT
     plot: bool = True
     atol: float = 1e-4
 
@@ -98,6 +104,11 @@ class ExportOptions:
             raise ValueError(f"calibration_size must be >= 10, got {self.calibration_size}")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {self.quantize!r}")
+        if self.exit_policy not in EXIT_POLICIES:
+            raise ValueError(f"exit_policy must be one of {EXIT_POLICIES}, got {self.exit_policy!r}")
+        if (len(self.view_shift) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in self.view_shift)
+                or tuple(self.view_shift) == (0, 0)):
+            raise ValueError(f"view_shift must be two integers (rows, columns), not both 0, got {self.view_shift!r}")
         if self.zstd_dictionary_bytes and self.zstd_dictionary_bytes < 256:
             raise ValueError(f"zstd_dictionary_bytes must be 0 or >= 256, got {self.zstd_dictionary_bytes}")
 
@@ -139,19 +150,20 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
             len(calibration.class_names) != backbone.output_dim:
         raise ValueError(f"calibration data has {len(calibration.class_names)} classes, the model "
                          f"{backbone.output_dim}")
+    exit = exit_spec_for(model, options.exit_policy, options.view_shift)
     data = calibration.take(options.calibration_size)
     space = options.space_for(model)
     header = {"model": options.name, "manifest_sha256": "0" * 64, "request_id": "0" * 32}
     can_exit = task == "classification"
     if can_exit:
         configs = len(space.widths) * len(space.encodings) * len(space.selections)
-        need = min_calibration_size(options.epsilon, options.delta / configs)
+        need = min_calibration_size(options.epsilon, options.delta / (LTT_SEQUENCES * configs))
         if len(data) < need:
             raise ValueError(f"{len(data)} calibration inputs cannot certify any exit threshold at epsilon="
                              f"{options.epsilon:g}, delta={options.delta:g} over {configs} settings (each tested "
-                             f"at delta/{configs}): that needs >= {need}; give more calibration data, a larger "
+                             f"at delta/{LTT_SEQUENCES * configs}): that needs >= {need}; give more calibration data, a larger "
                              "epsilon or delta, or pin --bottleneck/--encoding/--mass/--budget")
-    sim = simulate_configs(model, data, space, header)
+    sim = simulate_configs(model, data, space, header, exit)
     certificates = certify_configs(sim, options.epsilon, options.delta) if can_exit else None
     points = points_for(sim, space, certificates, options.delta if can_exit else None)
     chosen, target = default_point(points, options.max_accuracy_drop)
@@ -162,8 +174,8 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
                                      "mean_bytes_per_request")})
     (log.info if guarantee.certified else log.warning)("guarantee: %s", guarantee.summary())
 
-    device_path, server_path = export_halves(model, out_dir, options.opset, width)
-    parity = verify_parity(model, device_path, server_path, width, atol=options.atol)
+    device_path, server_path = export_halves(model, out_dir, options.opset, width, exit)
+    parity = verify_parity(model, device_path, server_path, width, atol=options.atol, exit=exit)
     fields = backbone.manifest_fields()
     timings = time_halves(device_path, server_path, data, chosen["mean_tokens_per_offload"] or data_tokens(data))
     files = {"device": _ref(device_path), "server": _ref(server_path)}
@@ -220,7 +232,7 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
         name=options.name, task=task, split=model.split, input=input_spec,
         tokens=TokenSpec(dim=width or backbone.dim, model_dim=backbone.dim, num_tokens=num_tokens, grid=grid),
         classes=tuple(calibration.class_names or backbone.classes()) if task == "classification" else (),
-        exit=ExitSpec("max_softmax", chosen["threshold"]) if task == "classification" else ExitSpec("none", NEVER_EXIT),
+        exit=dataclasses.replace(exit, threshold=chosen["threshold"] if can_exit else NEVER_EXIT),
         selection=SelectionSpec(mass=chosen["mass"], budget=chosen["budget"], importance=model.importance),
         codec=CodecSpec(chosen["encoding"], COMPRESSION, 0, SCALE_DTYPE if chosen["encoding"] in ("int8", "int4") else "fp32"),
         files=files, operating_points=tuple(table), default_operating_point=default_id,
@@ -243,7 +255,7 @@ def export_split_model(model: SplitModel, out_dir: Path, options: ExportOptions,
 def guarantee_for(sim: Simulation, point: dict, epsilon: float, delta: float, configurations: int,
                   can_exit: bool) -> Guarantee:
     """The :class:`Guarantee` of the deployed ``point`` (a row of :func:`points_for`): its loss on the
-    calibration split, p-value and Clopper-Pearson bound at delta / configurations, as it was tested."""
+    calibration split, p-value and Clopper-Pearson bound at delta / (2 configurations), as it was tested."""
     n = len(sim.confidence)
     if not can_exit:
         return Guarantee(epsilon, delta, n, "binomial", configurations, False, None, None, None,
@@ -251,10 +263,11 @@ def guarantee_for(sim: Simulation, point: dict, epsilon: float, delta: float, co
                          "to the whole model, not right/wrong: there is no exit threshold to certify")
     key = (point["width"], point["encoding"], point["mass"], point["budget"])
     losses = int(config_losses(sim, key, [point["threshold"]]).sum())
-    level = delta / configurations
+    level = delta / (LTT_SEQUENCES * configurations)
     reason = "" if point["certified"] else (
-        f"no exit threshold of any setting passed Learn-then-Test; the default point offloads every input "
-        f"and its own loss against the whole model is {losses / n:.4f} (bound {clopper_pearson_upper(losses, n, level):.4f})")
+        f"no exit threshold of any setting passed Learn-then-Test; the default point is the most accurate "
+        f"measured one (threshold {point['threshold']:.4g}, exit rate {point['exit_rate']:.3f}) and its own loss "
+        f"against the whole model is {losses / n:.4f} (bound {clopper_pearson_upper(losses, n, level):.4f})")
     return Guarantee(epsilon, delta, n, "binomial", configurations, bool(point["certified"]),
                      clopper_pearson_upper(losses, n, level), losses / n, binomial_p_value(losses, n, epsilon), reason)
 
@@ -315,7 +328,7 @@ def time_halves(device_path: Path, server_path: Path, data: Dataset, tokens: flo
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     device = onnxruntime.InferenceSession(str(device_path), opts, providers=["CPUExecutionProvider"])
     server = onnxruntime.InferenceSession(str(server_path), opts, providers=["CPUExecutionProvider"])
-    row = data.numpy_rows(slice(0, 1))
+    row = graphs.device_feed(device, data.numpy_rows(slice(0, 1)))
     codes = device.run(None, row)[1]
     codes = codes[:, : max(1, min(codes.shape[1], int(round(tokens or codes.shape[1]))))]
     mask = np.ones(codes.shape[:2], bool)

@@ -12,6 +12,7 @@ threshold -> importance selection -> int8 token round trip -> float server half.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import tempfile
@@ -78,8 +79,9 @@ class QuantizeOptions:
 class _DatasetReader(CalibrationDataReader):
     """Feeds a Dataset's inputs (the device half's own input names) to the calibrator in batches."""
 
-    def __init__(self, data: Dataset, batch_size: int = 50) -> None:
-        self._batches = iter([data.numpy_rows(slice(i, i + batch_size)) for i in range(0, len(data), batch_size)])
+    def __init__(self, data: Dataset, batch_size: int = 50, extra: dict | None = None) -> None:
+        self._batches = iter([{**data.numpy_rows(slice(i, i + batch_size)), **(extra or {})}
+                              for i in range(0, len(data), batch_size)])
 
     def get_next(self) -> dict | None:
         return next(self._batches, None)
@@ -98,6 +100,9 @@ def quantize_device_half(float_path: Path, out_path: Path, calibration: Dataset,
         raise ValueError(f"quant_format must be one of {QUANT_FORMATS}, got {quant_format!r}")
     source = onnx.load(str(float_path))
     opset = next(o.version for o in source.opset_import if o.domain in ("", "ai.onnx"))
+    # a view-consistency half: its If branch (the second view) stays float; the one view is quantized
+    second_view = {graphs.SECOND_VIEW: np.array(True)} if any(i.name == graphs.SECOND_VIEW
+                                                               for i in source.graph.input) else None
     root, quiet = logging.getLogger(), _DropHarmless()
     root.addFilter(quiet)
     try:
@@ -105,7 +110,7 @@ def quantize_device_half(float_path: Path, out_path: Path, calibration: Dataset,
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(
-                str(prepared), str(out_path), _DatasetReader(calibration),
+                str(prepared), str(out_path), _DatasetReader(calibration, extra=second_view),
                 quant_format=QuantFormat.QDQ if quant_format == "QDQ" else QuantFormat.QOperator,
                 per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
@@ -116,6 +121,7 @@ def quantize_device_half(float_path: Path, out_path: Path, calibration: Dataset,
     proto.ir_version = min(proto.ir_version, IR_VERSION_FOR_OPSET.get(opset, proto.ir_version))
     # ORT's graph optimizer stamps every domain it knows (ai.onnx.ml 5, ...), which older runtimes
     # refuse: keep the domains the nodes use.
+    _sort_topologically(proto.graph)  # the quantizer appends its nodes after an If that reads them
     used = {n.domain for n in proto.graph.node} | {""}
     kept = [o for o in proto.opset_import if o.domain in used]
     del proto.opset_import[:]
@@ -149,7 +155,8 @@ def evaluate_device_half(device_path: Path, server_path: Path, data: Dataset, ta
     confidence, exit_score, split_score, kept_tokens = [], [], [], []
     for start in range(0, len(data), batch_size):
         rows = slice(start, start + batch_size)
-        exit_out, tokens, importance = device.run(list(graphs.device_outputs(task)), data.numpy_rows(rows))
+        exit_out, tokens, importance, *conf = device.run(list(graphs.device_outputs(task)),
+                                                         graphs.device_feed(device, data.numpy_rows(rows)))
         keep = select_tokens_mask(torch.from_numpy(importance), point["mass"], point["budget"])
         if data.kind == "text":
             keep = keep & torch.from_numpy(data.numpy_rows(rows)["attention_mask"][:, 1:] > 0)
@@ -160,10 +167,9 @@ def evaluate_device_half(device_path: Path, server_path: Path, data: Dataset, ta
         split = server.run([out_name], {graphs.TOKENS: sent, graphs.MASK: mask.numpy()})[0]
         full = server.run([out_name], {graphs.TOKENS: tokens, graphs.MASK: full_mask})[0]
         if task == "classification":
-            probs = torch.from_numpy(exit_out).softmax(-1)
             labels = data.labels[rows] if data.labels is not None else full.argmax(-1)
-            confidence.append(probs.max(-1).values.numpy())
-            exit_score.append(probs.argmax(-1).numpy() == labels)
+            confidence.append(conf[0])  # the graph's own exit confidence (graphs.EXIT_CONFIDENCE)
+            exit_score.append(exit_out.argmax(-1) == labels)
             split_score.append(split.argmax(-1) == labels)
         else:
             cos = lambda a, b: (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)  # noqa: E731
@@ -182,6 +188,42 @@ def evaluate_device_half(device_path: Path, server_path: Path, data: Dataset, ta
     }
 
 
+def _sort_topologically(graph) -> None:
+    """Reorder ``graph``'s nodes so each comes after the producers of what it reads, the values its
+    subgraphs read from the outer scope included (stable otherwise)."""
+    def reads(node) -> set[str]:
+        names = set(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                made = {o for n in sub.node for o in n.output} | {i.name for i in sub.initializer}
+                names |= {r for n in sub.node for r in reads(n)} - made
+        return names
+
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output}
+    waiting = [{producer[r] for r in reads(node) if r in producer} - {i} for i, node in enumerate(graph.node)]
+    users: dict[int, list[int]] = {}
+    for i, deps in enumerate(waiting):
+        for j in deps:
+            users.setdefault(j, []).append(i)
+    ready = [i for i, deps in enumerate(waiting) if not deps]
+    heapq.heapify(ready)
+    order = []
+    while ready:  # Kahn's algorithm, the lowest original index first
+        i = heapq.heappop(ready)
+        order.append(graph.node[i])
+        for k in users.get(i, ()):
+            waiting[k].discard(i)
+            if not waiting[k]:
+                heapq.heappush(ready, k)
+    if len(order) != len(graph.node):
+        raise ValueError("the quantized graph has a cycle")
+    nodes = [type(n)() for n in order]
+    for new, old in zip(nodes, order):
+        new.CopyFrom(old)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def measure_latency(paths: dict[str, Path], inputs: dict, runs: int = 200, threads: int = 1,
                     warmup: int = 10) -> dict[str, dict]:
     """Batch-1 latency of each ONNX file on ``inputs`` (one row of device-half inputs), interleaved
@@ -192,7 +234,7 @@ def measure_latency(paths: dict[str, Path], inputs: dict, runs: int = 200, threa
     for i in range(warmup + runs):
         for name, sess in sessions.items():
             t0 = time.perf_counter()
-            sess.run(None, inputs)
+            sess.run(None, graphs.device_feed(sess, inputs))
             if i >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: {f"p{q}_ms": round(float(np.percentile(t, q)), 4) for q in (50, 90, 99)} for name, t in times.items()}

@@ -36,7 +36,7 @@ FORMAT_V1 = "splitinfer-model/1"
 MANIFEST_NAME = "manifest.json"
 TASKS = ("classification", "embedding")
 INPUT_KINDS = ("image", "text")
-EXIT_SCORES = ("max_softmax", "none")
+EXIT_SCORES = ("max_softmax", "view_consistency", "none")
 IMPORTANCE_KINDS = ("cls_attention", "learned")
 FILE_ROLES = ("device", "server", "device_int8", "tokenizer", "zstd_dictionary")
 
@@ -178,16 +178,35 @@ class TokenSpec(_Section):
 
 @dataclass(frozen=True)
 class ExitSpec(_Section):
-    """score: "max_softmax" (answer on the device when the exit head's top probability >= threshold)
-    or "none" (embedding models: the device never answers alone)."""
+    """How the device decides to answer alone: when device.onnx's exit confidence >= threshold.
+
+    score: "max_softmax" (the exit head's top probability), "view_consistency" (device.onnx also runs
+    the exit head on the image rolled by ``view_shift`` = (rows, columns) pixels; the confidence is
+    the geometric mean of the answer's probability on both views, so an answer that does not survive
+    a small shift is offloaded), or "none" (embedding models: the device never answers alone).
+    """
 
     score: str
     threshold: float
+    view_shift: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.score not in EXIT_SCORES:
             raise ValueError(f"score must be one of {EXIT_SCORES}, got {self.score!r}")
         _number("threshold", self.threshold, 0.0, 1.0 + 1e-6)
+        if self.score == "view_consistency":
+            shift = self.view_shift
+            if (not isinstance(shift, tuple) or len(shift) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, int) for v in shift) or shift == (0, 0)):
+                raise ValueError(f"view_shift must be two integers (rows, columns), not both 0, got {shift!r}")
+        elif self.view_shift is not None:
+            raise ValueError(f"view_shift applies only to score 'view_consistency', got {self.view_shift!r}")
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        if self.view_shift is None:
+            del out["view_shift"]  # folders without a second view hash as before
+        return out
 
 
 @dataclass(frozen=True)
@@ -239,11 +258,11 @@ class Guarantee(_Section):
     Loss = the share of inputs the whole model answers right and the split system wrong; it bounds
     the accuracy lost against the whole model. certified: with probability >= 1 - delta over the
     draw of the n calibration inputs, the default point's loss on exchangeable inputs is <= epsilon.
-    Export tests each of ``configurations`` settings (bottleneck, encoding, mass, budget) down its
-    own threshold sequence at delta / configurations (Bonferroni), so the choice among them keeps
-    the level. bound: the (1 - delta) Clopper-Pearson upper bound on the default point's loss (at
-    delta / configurations, like the test; above epsilon when nothing was certified and the point
-    offloads everything); empirical: its mean loss and p_value its p-value on the calibration split.
+    Export tests each of ``configurations`` settings (bottleneck, encoding, mass, budget) down and
+    up its own threshold sequence, each at delta / (2 configurations) (Bonferroni), so the choice
+    among them keeps the level. bound: the (1 - delta) Clopper-Pearson upper bound on the default
+    point's loss (at that level, like the test; it may exceed epsilon when nothing was certified and
+    the point is the most accurate one measured); empirical: its mean loss and p_value its p-value on the calibration split.
     reason: why nothing is certified ("" when it is); bound, empirical and p_value are None when no
     test could run (an embedding model).
     """
@@ -375,6 +394,11 @@ class Manifest:
         unknown = sorted(set(self.files) - set(FILE_ROLES))
         if unknown:
             raise ManifestError(f"manifest.json: unknown file role(s) {unknown}; known: {FILE_ROLES}")
+        if self.exit.score == "view_consistency" and (self.input.kind != "image" or self.task != "classification"):
+            raise ManifestError("manifest.json: exit.score 'view_consistency' needs an image classifier, "
+                                f"this model is a {self.input.kind} {self.task} model")
+        if (self.exit.score == "none") != (self.task == "embedding"):
+            raise ManifestError(f"manifest.json: exit.score {self.exit.score!r} does not fit a {self.task} model")
         if self.input.kind == "text" and "tokenizer" not in self.files:
             raise ManifestError("manifest.json: a text model needs files.tokenizer")
         if self.device_auto_choice not in ("float", "int8") or (self.device_auto_choice == "int8"

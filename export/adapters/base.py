@@ -95,6 +95,12 @@ class SplittableModel(nn.Module, ABC):
     def block(self, index: int, x: torch.Tensor, key_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``index``: x (B, N, d) -> (B, N, d), attention (B, h, N, N)."""
 
+    def cls_block(self, index: int, x: torch.Tensor, key_weights: torch.Tensor | None) -> torch.Tensor:
+        """Block ``index``'s output at CLS alone: x (B, N, d) -> (B, 1, d), what a CLS exit head
+        reads (an exit policy's second view needs no more). Adapters whose blocks can compute one
+        query row override this; the default runs the whole block."""
+        return self.block(index, x, key_weights)[0][:, :1]
+
     @abstractmethod
     def head(self, x: torch.Tensor, key_weights: torch.Tensor | None) -> torch.Tensor:
         """Final norm, pooling and head: x (B, N, d) -> (B, K) logits or (B, D) embedding."""

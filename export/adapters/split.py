@@ -184,6 +184,17 @@ class SplitModel(nn.Module):
             x, attn = self.backbone.block(i, x, w)
         return x, w, attn
 
+    def exit_only(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The exit output alone (a classifier's exit head reads CLS, so the last device block runs
+        for CLS's row only): what an exit policy's second view computes."""
+        x, w = self.backbone.embed(inputs)
+        for i in range(self.split - 1):
+            x, _ = self.backbone.block(i, x, w)
+        if self.backbone.task == "classification":
+            return self.exit_head(self.backbone.cls_block(self.split - 1, x, w), w)
+        x, _ = self.backbone.block(self.split - 1, x, w)
+        return self.exit_head(x, w)
+
     def importance_of(self, x, w, attn, keep_ratio=None) -> torch.Tensor:
         """(B, N - 1) non-negative, zero on padding, rows summing to 1."""
         if self.importance == "cls_attention":

@@ -100,14 +100,20 @@ class TimmViT(SplittableModel):
         x = torch.cat([m.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + m.pos_embed
         return x, None
 
-    def block(self, index, x, key_weights):
+    def block(self, index, x, key_weights, rows=None):
+        """rows=1: only CLS's query, residual and MLP (see :meth:`cls_block`)."""
         blk = self.model.blocks[index]
         B, N, d = x.shape
         a = blk.attn
         q, k, v = a.qkv(blk.norm1(x)).reshape(B, N, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if rows is not None:
+            q, x = q[:, :, :rows], x[:, :rows]
         out, attn = weighted_attention(q, k, v, key_weights, scale=a.scale)
         x = x + blk.ls1(a.proj(merge_heads(out)))
         return x + blk.ls2(blk.mlp(blk.norm2(x))), attn
+
+    def cls_block(self, index, x, key_weights):
+        return self.block(index, x, key_weights, rows=1)[0]
 
     def head(self, x, key_weights):
         m = self.model

@@ -65,14 +65,20 @@ class BuiltinViT(SplittableModel):
         x = torch.cat([self.model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.model.pos_embed
         return x, None
 
-    def block(self, index, x, key_weights):
+    def block(self, index, x, key_weights, rows=None):
+        """rows=1: only CLS's query, residual and MLP (see :meth:`cls_block`)."""
         blk = self.model.blocks[index]
         B, N, d = x.shape
         h = blk.attn.heads
         q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(B, N, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        if rows is not None:
+            q, x = q[:, :, :rows], x[:, :rows]
         out, attn = weighted_attention(q, k, v, key_weights)
         x = x + blk.attn.proj(merge_heads(out))
         return x + blk.mlp(blk.norm2(x)), attn
+
+    def cls_block(self, index, x, key_weights):
+        return self.block(index, x, key_weights, rows=1)[0]
 
     def head(self, x, key_weights):
         return self.model.head(self.model.norm(x[:, 0]))

@@ -45,7 +45,10 @@ def test_threshold_zero_always_device(device_session, tiny_manifest, images):
         assert result.decided_on == "device"
         assert result.bytes_sent == 0 and result.tokens_sent == 0 and result.server_ms is None
         assert result.label == label and result.class_name == tiny_manifest.classes[label]
-        assert result.confidence == pytest.approx(probs.max())
+        # the exit policy's confidence, as device.onnx computes it (view consistency here)
+        assert result.confidence == pytest.approx(float(device_session.run(
+            preprocess(image, tiny_manifest.preprocessing)).confidence[0]))
+        assert result.probabilities == pytest.approx(tuple(probs))
         assert result.request_id is None and result.error is None
     assert transport.requests == []
 
@@ -100,7 +103,9 @@ def test_transport_failure_degrades_to_exit_answer(device_session, tiny_manifest
     result = runner.classify(images[1])
     label, probs = exit_answer(device_session, tiny_manifest, images[1])
     assert result.decided_on == "degraded"
-    assert result.label == label and result.confidence == pytest.approx(probs.max())
+    assert result.label == label and result.probabilities == pytest.approx(tuple(probs))
+    assert result.confidence == pytest.approx(float(device_session.run(
+        preprocess(images[1], tiny_manifest.preprocessing)).confidence[0]))
     assert type(error).__name__ in result.error and str(error) in result.error
     assert result.bytes_sent == transport.requests[0].ByteSize() and result.request_id == transport.requests[0].request_id
 

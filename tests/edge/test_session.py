@@ -14,7 +14,7 @@ from splitinfer.protos.manifest import load_manifest
 
 def test_run_shapes_match_manifest(device_session, tiny_manifest, images):
     x = preprocess(images, tiny_manifest.preprocessing)
-    exit_logits, tokens, importance = device_session.run(x)
+    exit_logits, tokens, importance, _ = device_session.run(x)
     b, k = len(images), len(tiny_manifest.classes)
     assert exit_logits.shape == (b, k) and exit_logits.dtype == np.float32
     assert tokens.shape == (b, tiny_manifest.num_tokens, tiny_manifest.dim)
