@@ -46,6 +46,7 @@ from .audit import Audit, route, settle
 from .energy import DeviceEnergyMeter, EnergyEstimate, EnergyModel
 from .frontends import FrontEnd, front_end_for
 from .selection import select_positions
+from .session import require_exit_confidence
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -223,9 +224,7 @@ class EdgeRunner:
         front_end: FrontEnd | None = None,
         audit: Audit | None = None,
     ) -> None:
-        if manifest.exit.score not in ("max_softmax", "none") and getattr(session, "has_exit_confidence", True) is False:
-            raise ManifestError(f"the manifest's exit policy {manifest.exit.score!r} needs a device half with the "
-                                "exit_confidence output; this session's graph lacks it")
+        require_exit_confidence(manifest, session)
         self.session = session
         self.transport = transport
         self.manifest = manifest

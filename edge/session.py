@@ -28,7 +28,7 @@ from splitinfer.protos import graphs
 from splitinfer.protos.errors import ManifestError
 from splitinfer.protos.manifest import Manifest, cpu_signature
 
-__all__ = ["SessionOptions", "DeviceOutputs", "DeviceSession", "DeviceHalfChoice", "DEVICE_HALVES",
+__all__ = ["SessionOptions", "DeviceOutputs", "DeviceSession", "DeviceHalfChoice", "require_exit_confidence", "DEVICE_HALVES",
            "choose_device_half", "device_half_path", "available_halves", "time_device_halves", "cpu_signature",
            "zero_input"]
 
@@ -136,9 +136,7 @@ class DeviceSession:
         """
         choice = choose_device_half(manifest, device_half, options)
         session = choice.session if choice.session is not None else cls(device_half_path(manifest, choice.half), options)
-        if manifest.exit.score not in ("max_softmax", "none") and not session.has_exit_confidence:
-            raise ManifestError(f"{session.path}: the manifest's exit policy {manifest.exit.score!r} needs the device "
-                                f"half's {graphs.EXIT_CONFIDENCE!r} output, which this graph lacks")
+        require_exit_confidence(manifest, session)
         session.choice = choice
         return session
 
@@ -169,6 +167,15 @@ class DeviceSession:
             z = np.exp(exit_out - exit_out.max(axis=-1, keepdims=True))
             return DeviceOutputs(exit_out, tokens, importance, (1.0 / z.sum(axis=-1)).astype(np.float32))
         return DeviceOutputs(exit_out, tokens, importance, None)
+
+
+def require_exit_confidence(manifest: Manifest, session) -> None:
+    """ManifestError when the manifest's exit policy needs the graph's exit_confidence output and
+    ``session``'s device half lacks it (max softmax, the fallback, would be the wrong decision)."""
+    if manifest.exit.score not in ("max_softmax", "none") and getattr(session, "has_exit_confidence", True) is False:
+        raise ManifestError(f"{getattr(session, 'path', 'the device half')}: the manifest's exit policy "
+                            f"{manifest.exit.score!r} needs the device half's {graphs.EXIT_CONFIDENCE!r} output, "
+                            "which this graph lacks")
 
 
 @dataclass(frozen=True)

@@ -166,9 +166,9 @@ def export_halves(model: SplitModel, out_dir: Path, opset: int = 17, width: int 
     dyn.update({exit_name: {0: "batch"}, graphs.TOKENS: dict(seq), graphs.IMPORTANCE: dict(seq),
                 graphs.EXIT_CONFIDENCE: {0: "batch"}})
     device_path, server_path = out_dir / "device.onnx", out_dir / "server.onnx"
-    _export(DeviceHalf(model, width, exit), tuple(example[n] for n in names), device_path, names,
-            graphs.device_outputs(task), dyn, opset)
-    if DeviceHalf(model, width, exit).exit.score == "view_consistency":
+    device_half = DeviceHalf(model, width, exit)
+    _export(device_half, tuple(example[n] for n in names), device_path, names, graphs.device_outputs(task), dyn, opset)
+    if device_half.exit.score == "view_consistency":
         _gate_second_view(device_path, opset)
     wire = width or backbone.dim
     tokens, mask = torch.zeros(2, 5, wire), torch.ones(2, 5, dtype=torch.bool)

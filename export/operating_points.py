@@ -217,19 +217,16 @@ def certify_configs(sim: Simulation, epsilon: float, delta: float) -> dict:
     exit head, such as a narrow bottleneck), each at level delta / (2 K) for K configs (Bonferroni
     over 2 K families), so with probability >= 1 - delta every certified (config, threshold) keeps
     its loss <= epsilon at once and export may deploy any of them. Per config the certificate is the
-    lowest certified threshold (the fewest offloads) of the downward sequence, or of the upward one
-    when the downward certifies nothing. Classification outcomes (0/1) only. -> {config: Certificate}."""
+    lowest certified threshold (the fewest offloads) of the downward sequence, or, when that
+    certifies nothing, the upward sequence's first candidate (the lowest threshold of all, so the
+    rest of that sequence would never be deployed). Classification outcomes (0/1) only. ->
+    {config: Certificate}."""
     level = delta / (LTT_SEQUENCES * len(sim.configs))
     out = {}
     for key in sim.configs:
         losses = config_losses(sim, key, LTT_THRESHOLDS)
         cert = learn_then_test(losses, LTT_THRESHOLDS, epsilon, level)
-        if not cert.certified:
-            up = learn_then_test(losses[::-1], LTT_THRESHOLDS[::-1], epsilon, level)
-            if up.certified:  # its first candidate, the lowest threshold, passed: deploy that one
-                first = losses[-1:]
-                cert = learn_then_test(first, LTT_THRESHOLDS[-1:], epsilon, level)
-        out[key] = cert
+        out[key] = cert if cert.certified else learn_then_test(losses[-1:], LTT_THRESHOLDS[-1:], epsilon, level)
     return out
 
 
