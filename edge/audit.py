@@ -27,10 +27,15 @@ independent of the input) each of those crosses its level with probability <= al
 Unlike a plain SPRT from the first observation, the CUSUM forgets a long quiet past, so a shift that
 starts late is still caught fast; the price is a threshold that grows like 2 log t.
 
-To be fast with few audits, the audit rate rises to ``alert_rate`` while the disagreement statistic
-is above ``alert_level`` (evidence is building up); under in-distribution inputs it rarely climbs
-that high, so this costs few extra offloads. The rate depends only on past audits, never on the
-input, so the test stays valid.
+The audit rate is a budget, not a coin: the device-answered inputs are cut into consecutive blocks
+of 1 / ``rate`` and one input at a uniformly random place in each block is audited, so the share is
+the rate itself rather than a binomial draw around it. To be fast with few audits, the draws rise to
+``alert_rate`` (a coin per input) while the disagreement statistic is above ``alert_level`` (evidence
+is building up); those extra audits are paid back afterwards by skipping every other block's audit
+until the audits again number the blocks begun (skipping all of them would leave the test blind for
+hundreds of inputs, long enough to miss a shift that starts then), so over a stream the share stays
+near ``rate``: above it only by audits not yet paid back. Which input is audited depends only on the
+random draws and past audits, never on the input, so the tests stay valid.
 
 Recovery: on alarm, :attr:`threshold_boost` becomes 1.0 (offload everything). Every input then
 goes to the server, so every input the *calibrated* policy would have answered on the device is a
@@ -119,7 +124,8 @@ class _Cusum:
 class Audit:
     """Field audit of the device's own answers.
 
-    rate: share of device-answered inputs also offloaded (0 <= rate <= 1). calibrated_disagreement:
+    rate: share of device-answered inputs also offloaded (0 <= rate <= 1; one per block of 1 / rate,
+    see :meth:`should_audit`). calibrated_disagreement:
     p0, the disagreement rate (device vs server) expected on those inputs. alpha: the bound on the
     probability of a false alarm. rng: a numpy Generator (or seed) for the audit draws. alternative:
     p1 > p0, the drifted rate the test is tuned for. alert_rate / alert_level: the raised audit rate
@@ -159,6 +165,8 @@ class Audit:
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         self.audits = self.disagreements = 0  # lifetime counts of recorded comparisons
         self.observed = self.below_threshold = 0  # lifetime counts of the label-free test's inputs
+        self.eligible = self.drawn = 0  # device-answered inputs drawn for, and audits drawn
+        self._blocks, self._block_end, self._slot = 0, 0, -1  # the audit schedule (see should_audit)
 
     @property
     def p0(self) -> float:
@@ -212,9 +220,29 @@ class Audit:
         return self.alert_rate if self.statistic >= self.alert_level else self.rate
 
     def should_audit(self) -> bool:
-        """Draw for one input the device answered itself: also offload it for comparison?"""
-        rate = self.current_rate
-        return bool(rate > 0.0 and self.rng.random() < rate)
+        """Draw for one input the device answered itself: also offload it for comparison?
+
+        Outside an alert, the input at the scheduled place of its block (one per 1 / rate
+        device-answered inputs), but only every other block's while audits drawn at the alert rate
+        are being paid back;
+        during an alert, a coin at ``alert_rate``. Never during an alarm (nothing is answered on
+        the device then)."""
+        if self.alarm or self.rate <= 0.0:
+            return False
+        i = self.eligible
+        self.eligible += 1
+        if i >= self._block_end:  # a new block begins: place its audit
+            start = self._block_end
+            self._blocks += 1
+            self._block_end = max(start + 1, int(math.floor(self._blocks / self.rate + 1e-9)))
+            self._slot = start + int(self.rng.integers(self._block_end - start))
+        if self.statistic >= self.alert_level and self.alert_rate > self.rate:
+            draw = bool(self.rng.random() < self.alert_rate)
+        else:
+            # paying back audits drawn at the alert rate: only every other block's, so the test never starves
+            draw = i == self._slot and (self.drawn < self._blocks or self._blocks % 2 == 0)
+        self.drawn += draw
+        return draw
 
     def observe(self, confidence: float) -> bool:
         """The label-free test's observation for one input (its exit confidence; a no-op without the
@@ -265,7 +293,8 @@ class Audit:
             "threshold": round(self.threshold, 4), "recovery_statistic": round(self._disagreement.recovery_statistic, 4),
             "threshold_boost": self.threshold_boost, "audit_rate": self.current_rate, "rate": self.rate,
             "calibrated_disagreement": self.p0, "alternative": self.p1, "alpha": self.alpha,
-            "drift_tests": list(self.drift_tests),
+            "drift_tests": list(self.drift_tests), "device_answers_drawn_for": self.eligible,
+            "audits_drawn": self.drawn,
         }
         if self._offload is not None:
             t = self._offload

@@ -46,7 +46,8 @@ class SweepSpace:
     widths: tuple[int | None, ...] = (None,)
     encodings: tuple[str, ...] = ("int8", "int4")
     selections: tuple[tuple[float, int], ...] = ((0.8, 8), (0.9, 16), (0.95, 32))  # (mass, budget) pairs
-    thresholds: tuple[float, ...] = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, NEVER_EXIT)
+    # 0.0 exits every input: the 0-byte floor a byte, latency or battery budget can fall back to
+    thresholds: tuple[float, ...] = (0.0, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, NEVER_EXIT)
 
     def __post_init__(self) -> None:
         for name in ("widths", "encodings", "selections", "thresholds"):

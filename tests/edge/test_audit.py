@@ -106,11 +106,47 @@ def test_alarm_boosts_to_offloading_everything_and_clears_on_agreement():
     assert audit.current_rate == 0.02
 
 
-def test_should_audit_draws_at_the_rate():
-    audit = Audit(0.1, P0, 0.05, rng=np.random.default_rng(3))
-    share = np.mean([audit.should_audit() for _ in range(20_000)])
-    assert share == pytest.approx(0.1, abs=0.01)
+@pytest.mark.parametrize("rate", [0.1, 0.02, 0.03, 1.0])
+def test_should_audit_draws_exactly_one_per_block(rate):
+    """The share is the rate itself (one audit in each block of 1 / rate, at a random place), not a
+    binomial draw around it; the places differ from block to block and between seeds."""
+    draws = np.array([Audit(rate, P0, 0.05, rng=seed) for seed in (3, 4)])
+    picks = np.array([[a.should_audit() for _ in range(20_000)] for a in draws])
+    assert abs(picks.sum(axis=1) - rate * 20_000).max() <= 1
+    if rate < 1.0:
+        places = [np.flatnonzero(row) % int(round(1 / rate)) for row in picks]
+        assert len(set(places[0][:50])) > 5  # not a fixed stride
+        assert not np.array_equal(places[0], places[1])
     assert not any(Audit(0.0, P0, 0.05, rng=1).should_audit() for _ in range(100))
+
+
+def test_alert_audits_are_paid_back():
+    """Audits drawn at the alert rate are paid back by skipping every other scheduled one: after the
+    alert the audits drawn number the blocks begun again, at half the rate until they do."""
+    audit = Audit(0.02, P0, 0.05, rng=5)
+    for _ in range(500):  # 10 blocks, 10 audits
+        if audit.should_audit():
+            audit.record(3, 3)
+    assert audit.drawn == 10
+    audit.record(3, 5)  # one disagreement: the alert rate applies
+    assert audit.current_rate == 0.5
+    alert_audits = 0
+    while audit.current_rate == 0.5:
+        if audit.should_audit():
+            alert_audits += 1
+            audit.record(3, 3)
+    assert alert_audits > 3 and not audit.alarm
+    over = audit.drawn - audit._blocks
+    assert over > 0
+    calls = drawn = 0
+    while audit.drawn > audit._blocks - 1:
+        drawn += audit.should_audit()  # paying back: every other block's audit
+        calls += 1
+    assert calls >= 100 * (over - 1) and 0 < drawn <= calls / 100 + 1
+    for _ in range(2000):
+        if audit.should_audit():
+            audit.record(3, 3)
+    assert abs(audit.drawn - audit._blocks) <= 1
 
 
 @pytest.mark.parametrize("kwargs,match", [
