@@ -93,8 +93,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         help="expected requests per second over the horizon (default: the observed rate)")
     audit = p.add_argument_group("field audit (needs a server)")
     audit.add_argument("--audit-rate", type=_probability, default=DEFAULT_AUDIT_RATE,
-                       help=f"share of the inputs answered on the device also offloaded to compare answers "
-                            f"(default {DEFAULT_AUDIT_RATE}; 0 = off)")
+                       help=f"share of the inputs answered on the device also offloaded to compare answers: "
+                            f"one in each block of 1/RATE, at a random place (default {DEFAULT_AUDIT_RATE}; 0 = off)")
     audit.add_argument("--audit-alpha", type=_open_probability, default=DEFAULT_AUDIT_ALPHA,
                        help=f"bound on the probability of a false drift alarm (default {DEFAULT_AUDIT_ALPHA})")
     audit.add_argument("--audit-disagreement", type=_open_probability, metavar="P0",
