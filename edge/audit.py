@@ -224,9 +224,8 @@ class Audit:
 
         Outside an alert, the input at the scheduled place of its block (one per 1 / rate
         device-answered inputs), but only every other block's while audits drawn at the alert rate
-        are being paid back;
-        during an alert, a coin at ``alert_rate``. Never during an alarm (nothing is answered on
-        the device then)."""
+        are being paid back; during an alert, a coin at :attr:`current_rate`. Never during an alarm
+        (nothing is answered on the device then)."""
         if self.alarm or self.rate <= 0.0:
             return False
         i = self.eligible
@@ -236,8 +235,9 @@ class Audit:
             self._blocks += 1
             self._block_end = max(start + 1, int(math.floor(self._blocks / self.rate + 1e-9)))
             self._slot = start + int(self.rng.integers(self._block_end - start))
-        if self.statistic >= self.alert_level and self.alert_rate > self.rate:
-            draw = bool(self.rng.random() < self.alert_rate)
+        rate = self.current_rate
+        if rate > self.rate:  # an alert
+            draw = bool(self.rng.random() < rate)
         else:
             # paying back audits drawn at the alert rate: only every other block's, so the test never starves
             draw = i == self._slot and (self.drawn < self._blocks or self._blocks % 2 == 0)
